@@ -1,0 +1,50 @@
+"""Classifier-free guidance with a guidance interval, kept apart from the solvers.
+
+:func:`guided` turns a network into the ``model_fn(x, t, y)`` every solver calls. Inside the
+interval the batch is doubled (conditional ‖ null label) and combined as u + w·(c − u); outside
+it, or with w = 1, the conditional model is evaluated once.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from sra.sampling.config import SamplerConfig
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def cfg_combine(
+    cond: torch.Tensor, uncond: torch.Tensor, scale: float, learn_sigma: bool = False,
+    channels: int | None = None,
+) -> torch.Tensor:
+    """u + w·(c − u). With ``learn_sigma`` (DiT) only the ε half is guided and the conditional
+    variance half kept; ``channels=3`` guides only the first 3 ε channels (the DiT release)."""
+    if not learn_sigma and channels is None:
+        return uncond + scale * (cond - uncond)
+    c = cond.shape[1] // 2 if learn_sigma else cond.shape[1]
+    k = c if channels is None else min(channels, c)
+    guided = uncond[:, :k] + scale * (cond[:, :k] - uncond[:, :k])
+    return torch.cat([guided, cond[:, k:]], dim=1)
+
+
+def guided(
+    model: Callable[..., torch.Tensor], cfg: SamplerConfig, null_label: int,
+    learn_sigma: bool = False, time_scale: float = 1.0,
+) -> ModelFn:
+    """Wrap ``model(x, t, y)`` with CFG per ``cfg``; ``time_scale`` maps t to [0, 1] for the
+    interval test (1000 for DiT's integer steps)."""
+    scale = cfg.cfg_scale
+
+    def model_fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # All samples of a batch share their time, so one scalar decides the interval.
+        t_now = float(t.reshape(-1)[0]) / time_scale
+        if scale == 1.0 or not (cfg.guidance_low <= t_now <= cfg.guidance_high):
+            return model(x, t, y)
+        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_label)]))
+        cond, uncond = out.chunk(2)
+        return cfg_combine(cond, uncond, scale, learn_sigma, cfg.guidance_channels)
+
+    return model_fn

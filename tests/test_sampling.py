@@ -1,0 +1,106 @@
+"""SiT solvers with the exact velocity of Gaussian data; guidance interval; presets."""
+
+import pytest
+import torch
+
+from sra.diffusion.paths import get_path
+from sra.errors import SraError
+from sra.models import ModelConfig, build_model
+from sra.sampling import SamplerConfig, cfg_combine, generate, guided, preset
+from sra.sampling.flow import ode_sample, sde_sample
+
+M, S = 1.5, 0.5  # data ~ N(M, S²) per dimension
+
+
+def exact_velocity(path_name: str):
+    """E[v | x_t] for Gaussian data: α'·E[x|x_t] + σ'·E[ε|x_t]."""
+    path = get_path(path_name)
+
+    def v(x, t, y):
+        t = t.to(x.dtype)
+        a, s, da, ds = (f(t)[:, None] for f in (path.alpha, path.sigma, path.d_alpha, path.d_sigma))
+        var = a**2 * S**2 + s**2
+        ex = M + a * S**2 / var * (x - a * M)
+        ee = s / var * (x - a * M)
+        return da * ex + ds * ee
+
+    return v
+
+
+@pytest.mark.parametrize("path_name", ["linear", "cosine"])
+@pytest.mark.parametrize("mode,steps,tol", [("euler", 200, 0.03), ("heun", 40, 0.01)])
+def test_ode_transports_noise_to_the_data_gaussian(path_name, mode, steps, tol):
+    torch.manual_seed(0)
+    noise = torch.randn(20000, 2, dtype=torch.float64)
+    cfg = SamplerConfig(mode=mode, steps=steps, path_type=path_name, state_dtype="float64")
+    x = ode_sample(exact_velocity(path_name), noise, torch.zeros(20000, dtype=torch.long), cfg)
+    assert abs(x.mean() - M) < tol + 0.01 and abs(x.std() - S) < tol + 0.01
+    # deterministic transport of a Gaussian is affine: the map is x = M + S·noise exactly
+    assert torch.allclose(x, M + S * noise, atol=tol * 3)
+
+
+@pytest.mark.parametrize("path_name", ["linear", "cosine"])
+def test_sde_matches_moments(path_name):
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(20000, 2, generator=g, dtype=torch.float64)
+    cfg = SamplerConfig(mode="sde", steps=250, path_type=path_name, state_dtype="float64")
+    x = sde_sample(exact_velocity(path_name), noise, torch.zeros(20000, dtype=torch.long), cfg, generator=g)
+    assert abs(x.mean() - M) < 0.03 and abs(x.std() - S) < 0.03
+
+
+def test_cfg_interval_calls_model_once_outside():
+    calls = []
+
+    def model(x, t, y):
+        calls.append((x.shape[0], float(t[0])))
+        return torch.where((y == 9)[:, None], torch.zeros_like(x), torch.ones_like(x))
+
+    cfg = SamplerConfig(mode="euler", steps=10, cfg_scale=4.0, guidance_low=0.0, guidance_high=0.7)
+    fn = guided(model, cfg, null_label=9)
+    ode_sample(fn, torch.zeros(3, 2), torch.zeros(3, dtype=torch.long), cfg)
+    inside = [n for n, t in calls if t <= 0.7]
+    outside = [n for n, t in calls if t > 0.7]
+    assert len(calls) == 10 and set(outside) == {3} and set(inside) == {6} and len(outside) == 3
+    # combination u + w(c − u) with c = 1, u = 0 → w
+    out = fn(torch.zeros(3, 2), torch.full((3,), 0.5), torch.zeros(3, dtype=torch.long))
+    assert torch.allclose(out, torch.full((3, 2), 4.0))
+
+
+def test_cfg_combine_dit_channels():
+    cond = torch.ones(2, 8, 4, 4)
+    uncond = torch.zeros(2, 8, 4, 4)
+    all_ch = cfg_combine(cond, uncond, 3.0, learn_sigma=True)
+    assert torch.all(all_ch[:, :4] == 3.0) and torch.all(all_ch[:, 4:] == 1.0)  # variance: cond
+    three = cfg_combine(cond, uncond, 3.0, learn_sigma=True, channels=3)
+    assert torch.all(three[:, :3] == 3.0) and torch.all(three[:, 3:] == 1.0)
+
+
+def test_generate_with_tiny_models_and_errors():
+    torch.manual_seed(0)
+    sit = build_model(ModelConfig(depth=2, hidden_size=32, num_heads=4, patch_size=2, input_size=8,
+                                  in_channels=3, num_classes=4))
+    noise = torch.randn(2, 3, 8, 8)
+    y = torch.tensor([0, 3])
+    for mode in ("euler", "heun", "sde"):
+        out = generate(sit, noise, y, SamplerConfig(mode=mode, steps=4, cfg_scale=1.5))
+        assert out.shape == noise.shape and torch.isfinite(out).all()
+    with pytest.raises(SraError, match="allowed: euler, heun, sde"):
+        generate(sit, noise, y, SamplerConfig(mode="ddpm", steps=4))
+    with pytest.raises(SraError, match=r"labels must be in 0\.\.4"):
+        generate(sit, noise, torch.tensor([0, 7]), SamplerConfig(mode="euler", steps=2))
+    dit = build_model(ModelConfig(family="DiT", depth=2, hidden_size=32, num_heads=4, patch_size=2,
+                                  input_size=8, in_channels=3, num_classes=4))
+    for mode in ("ddpm", "ddim"):
+        out = generate(dit, noise, y, SamplerConfig(mode=mode, steps=5, cfg_scale=2.0))
+        assert out.shape == noise.shape and torch.isfinite(out).all()
+
+
+def test_presets_and_bad_config():
+    p = preset("paper-256")
+    assert (p.mode, p.steps, p.cfg_scale, p.guidance_high) == ("sde", 250, 1.8, 0.7)
+    with pytest.raises(SraError, match="allowed: paper-256"):
+        preset("nope")
+    with pytest.raises(SraError, match="allowed: euler, heun, sde, ddpm, ddim"):
+        SamplerConfig(mode="dpm")
+    with pytest.raises(SraError, match="guidance interval"):
+        SamplerConfig(guidance_low=0.8, guidance_high=0.2)
