@@ -1,0 +1,137 @@
+"""``sra train``: SRA (or vanilla) training of SiT / DiT on accelerate.
+
+Single GPU:   accelerate launch -m sra.cli train --preset sit-xl2-256 --data-dir DATA
+8 GPUs:       accelerate launch --multi_gpu --num_processes 8 -m sra.cli train ...
+2 nodes × 8:  accelerate launch --multi_gpu --num_machines 2 --num_processes 16
+                --machine_rank R --main_process_ip HOST --main_process_port 29500 -m sra.cli train ...
+Laptop CPU:   sra train --preset digits
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from sra.commands._args import str2bool
+
+# flag → (dotted config path, type, help). Release flag names are kept verbatim; aliases follow.
+FLAGS: list[tuple[list[str], str, object, str]] = [
+    (["--model"], "model.name", str, "model name from the registry (see `sra models`)"),
+    (["--depth"], "model.depth", int, "custom depth (overrides the name's)"),
+    (["--hidden-size"], "model.hidden_size", int, "custom width (overrides the name's)"),
+    (["--num-heads"], "model.num_heads", int, "custom head count (overrides the name's)"),
+    (["--patch-size"], "model.patch_size", int, "custom patch size (overrides the name's)"),
+    (["--qk-norm"], "model.qk_norm", str2bool, "LayerNorm on q and k per head"),
+    (["--fused-attn"], "model.fused_attn", str2bool, "use scaled_dot_product_attention"),
+    (["--block-out-s"], "align.student_block", int, "student block s (1-indexed) fed to the head"),
+    (["--block-out-t"], "align.teacher_block", int, "teacher (EMA) block t > s giving the target"),
+    (["--t-max"], "align.t_max", float, "largest teacher time gap, in (0, 1]"),
+    (["--loss-type"], "align.loss_type", str,
+     "alignment distance: cos | cos-release | cos-centered | sml1 | l2 | l1"),
+    (["--align-weight", "--proj-coeff", "--lambda"], "align.weight", float,
+     "alignment weight λ (0 runs no teacher)"),
+    (["--align-schedule"], "align.schedule", str, "λ schedule: constant | exp-decay"),
+    (["--align-decay-start"], "align.decay_start", int, "exp-decay: step after which λ decays"),
+    (["--align-decay-steps"], "align.decay_steps", int, "exp-decay: steps per factor 0.1"),
+    (["--path-type"], "flow.path_type", str, "SiT interpolant: linear | cosine"),
+    (["--prediction"], "flow.prediction", str, "SiT prediction target: v"),
+    (["--weighting"], "flow.weighting", str, "SiT time sampler: uniform | lognormal"),
+    (["--data-dir", "--data"], "data.data_dir", str,
+     "'digits', a release dir/ZIP (vae-sd layout) or a packed dataset dir"),
+    (["--resolution"], "data.resolution", int, "image resolution; must match the data"),
+    (["--num-workers"], "data.num_workers", int, "DataLoader workers per process"),
+    (["--cfg-prob"], "data.label_dropout", float, "label dropout probability (for CFG)"),
+    (["--vae"], "data.vae", str, "VAE (hub id or path) to decode latent sample grids"),
+    (["--batch-size", "--global-batch-size"], "loop.global_batch_size", int,
+     "GLOBAL batch per optimizer step (all processes × accumulation)"),
+    (["--gradient-accumulation-steps"], "loop.gradient_accumulation_steps", int,
+     "micro-batches per optimizer step"),
+    (["--max-train-steps"], "loop.max_train_steps", int, "optimizer steps to train to"),
+    (["--mixed-precision"], "loop.mixed_precision", str, "no | fp16 | bf16"),
+    (["--allow-tf32"], "loop.allow_tf32", str2bool, "TF32 matmuls on Ampere+ GPUs"),
+    (["--seed"], "loop.seed", int, "global seed (each process derives its own)"),
+    (["--log-every"], "loop.log_every", int, "log every N steps"),
+    (["--checkpoint-steps", "--checkpointing-steps"], "loop.checkpoint_steps", int,
+     "write a checkpoint every N steps"),
+    (["--keep-last"], "loop.keep_last", int, "checkpoints kept besides milestones"),
+    (["--milestone-steps"], "loop.milestone_steps", int, "never prune checkpoints at multiples of N (0: off)"),
+    (["--sample-steps", "--sampling-steps"], "loop.sample_steps", int,
+     "EMA sample grid every N steps (0: only at the end)"),
+    (["--grid-samples"], "loop.grid_samples", int, "images in each sample grid"),
+    (["--max-consecutive-skips"], "loop.max_consecutive_skips", int,
+     "stop after this many non-finite steps in a row"),
+    (["--compile"], "loop.compile", str2bool, "torch.compile the model"),
+    (["--report-to"], "loop.report_to", str, "tracker: tensorboard | wandb | none"),
+    (["--eval-samples"], "loop.eval_samples", int, "digits: samples for the end-of-run metric"),
+    (["--learning-rate", "--lr"], "optim.learning_rate", float, "AdamW learning rate"),
+    (["--adam-beta1"], "optim.adam_beta1", float, "AdamW β1"),
+    (["--adam-beta2"], "optim.adam_beta2", float, "AdamW β2"),
+    (["--adam-weight-decay"], "optim.adam_weight_decay", float, "AdamW weight decay"),
+    (["--adam-epsilon"], "optim.adam_epsilon", float, "AdamW ε"),
+    (["--max-grad-norm"], "optim.max_grad_norm", float, "gradient-norm clip"),
+    (["--warmup-steps"], "optim.warmup_steps", int, "linear learning-rate warm-up steps"),
+    (["--ema-decay"], "ema.decay", float, "EMA decay per optimizer step"),
+    (["--ema-warmup"], "ema.warmup", str2bool, "EMA decay min(decay, (1+n)/(10+n))"),
+    (["--output-dir"], "output_dir", str, "parent directory of runs"),
+    (["--exp-name"], "exp_name", str, "run name (the run directory is OUTPUT_DIR/EXP_NAME)"),
+    (["--init-from"], "init_from", str, "initialise weights from a checkpoint (ours or the release's .pt)"),
+]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from sra.config import PRESETS
+
+    p = sub.add_parser(
+        "train", help="train SiT/DiT with SRA (or vanilla) on accelerate",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--preset", default="digits", choices=sorted(PRESETS),
+                   help="named starting config; every other flag overrides one field of it "
+                        "(default: digits)")
+    p.add_argument("--vanilla", action="store_true",
+                   help="no alignment and no teacher (the baseline for comparisons)")
+    p.add_argument("--resume", default=None,
+                   help="'auto' (newest complete checkpoint of this run) or a checkpoint path")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="train this many epochs (converted to --max-train-steps from the data size)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    for names, dest, typ, help_text in FLAGS:
+        kwargs = dict(dest=dest.replace(".", "__"), default=None, help=help_text,
+                      metavar=names[0].lstrip("-").upper().replace("-", "_"))
+        if typ is str2bool:
+            kwargs.update(type=str2bool, nargs="?", const=True, metavar="BOOL")
+        else:
+            kwargs.update(type=typ)
+        p.add_argument(*names, **kwargs)
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace):
+    """Preset + explicit flags → :class:`~sra.config.TrainConfig` (validated)."""
+    from sra.config import override, preset
+
+    cfg = preset(args.preset)
+    for _, dest, _, _ in FLAGS:
+        value = getattr(args, dest.replace(".", "__"))
+        if value is not None:
+            cfg = override(cfg, dest, value)
+    if args.vanilla:
+        cfg = override(cfg, "align.enabled", False)
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from sra.training.loop import Trainer
+
+    cfg = config_from_args(args)
+    if args.print_config:
+        print(cfg.to_json())
+        return 0
+    trainer = Trainer(cfg, resume=args.resume)
+    if args.epochs is not None:
+        from sra.config import override
+
+        steps = args.epochs * len(trainer.dataset) // cfg.loop.global_batch_size
+        trainer.cfg = override(trainer.cfg, "loop.max_train_steps", steps)
+    run_dir = trainer.fit()
+    print(f"run directory: {run_dir}")
+    return 0

@@ -1,0 +1,144 @@
+"""DDPM ancestral and DDIM samplers for DiT-style models (ε ‖ v outputs).
+
+``model_fn(x, t, y) -> (N, 2C, H, W)`` receives ORIGINAL integer steps (0..999): the samplers
+walk the (possibly respaced) schedule of ``diffusion`` and map each index through
+``diffusion.timestep_map`` before calling the model. Guidance is applied by wrapping the model
+into a ``model_fn`` (see ``sampling/guidance.py``); :func:`cfg_epsilon_combine` is the ε-only
+combination rule such a wrapper uses.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from sra.diffusion.ddpm import GaussianDiffusion
+from sra.errors import SraError
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+
+def cfg_epsilon_combine(
+    out_cond: torch.Tensor,
+    out_uncond: torch.Tensor,
+    scale: float,
+    channels: int | None = None,
+    *,
+    learn_sigma: bool = True,
+) -> torch.Tensor:
+    """Classifier-free guidance on the ε half of DiT outputs.
+
+    ``out_*``: (N, 2C, ...) = ε ‖ v (or (N, C, ...) = ε when ``learn_sigma`` is False).
+    The first ``channels`` ε channels become ε_u + scale·(ε_c − ε_u) (``None`` → all C; the
+    DiT release guides only the first 3); the remaining ε channels and the variance half
+    are the conditional model's.
+    """
+    if out_cond.shape != out_uncond.shape:
+        raise SraError(
+            f"conditional and unconditional outputs differ in shape: {tuple(out_cond.shape)} vs {tuple(out_uncond.shape)}"
+        )
+    total = out_cond.shape[1]
+    if learn_sigma and total % 2:
+        raise SraError(f"learned-sigma outputs need an even channel count (ε ‖ v), got {total}")
+    C = total // 2 if learn_sigma else total
+    k = C if channels is None else int(channels)
+    if not 1 <= k <= C:
+        raise SraError(f"guided channels must be in 1..{C} (or None for all), got {channels!r}")
+    eps_c, eps_u = out_cond[:, :k], out_uncond[:, :k]
+    guided = eps_u + scale * (eps_c - eps_u)
+    return torch.cat([guided, out_cond[:, k:]], dim=1)
+
+
+def _randn(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """N(0, I) like ``x``, drawn from ``generator`` (on its own device, then moved)."""
+    if generator is None:
+        return torch.randn_like(x)
+    return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
+
+
+def _check_inputs(diffusion: GaussianDiffusion, noise: torch.Tensor, y: torch.Tensor | None) -> None:
+    if noise.ndim < 2:
+        raise SraError(f"noise must be batched (N, C, ...), got shape {tuple(noise.shape)}")
+    if y is not None and y.shape[0] != noise.shape[0]:
+        raise SraError(f"labels have batch {y.shape[0]} but noise has batch {noise.shape[0]}")
+    if not isinstance(diffusion, GaussianDiffusion):
+        raise SraError(f"diffusion must be a GaussianDiffusion, got {type(diffusion).__name__}")
+
+
+def _indices(diffusion: GaussianDiffusion, progress: bool):
+    steps = range(diffusion.num_timesteps - 1, -1, -1)
+    return tqdm(steps, desc="ddpm", disable=not progress, leave=False)
+
+
+@torch.no_grad()
+def ddpm_sample(
+    model_fn: ModelFn,
+    diffusion: GaussianDiffusion,
+    noise: torch.Tensor,
+    y: torch.Tensor | None,
+    *,
+    clip_denoised: bool = False,
+    progress: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Ancestral sampling x_T = noise → x_0 over the schedule of ``diffusion``.
+
+    Each step draws x_{t-1} ~ N(mean, exp(log_variance)) from the model's reverse step; the
+    last step (t = 0) returns the mean without noise. Returns x_0 in ``noise``'s dtype.
+    """
+    _check_inputs(diffusion, noise, y)
+    x = noise
+    n = x.shape[0]
+    for i in _indices(diffusion, progress):
+        t = torch.full((n,), i, device=x.device, dtype=torch.long)
+        out = model_fn(x, diffusion.map_timesteps(t), y)
+        step = diffusion.p_mean_variance(out, x, t, clip_denoised=clip_denoised, check_t=False)
+        if i > 0:
+            x = step.mean + torch.exp(0.5 * step.log_variance) * _randn(step.mean, generator)
+        else:
+            x = step.mean
+        x = x.to(noise.dtype)
+    return x
+
+
+@torch.no_grad()
+def ddim_sample(
+    model_fn: ModelFn,
+    diffusion: GaussianDiffusion,
+    noise: torch.Tensor,
+    y: torch.Tensor | None,
+    eta: float = 0.0,
+    *,
+    clip_denoised: bool = False,
+    progress: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """DDIM sampling (deterministic for ``eta`` = 0; ``eta`` = 1 ≈ ancestral with β̃ variance).
+
+    The model's variance half is ignored; x_{t-1} = √ᾱ_{t-1}·x̂0 + √(1−ᾱ_{t-1}−σ²)·ε̂ + σ·z
+    with σ = eta·√((1−ᾱ_{t-1})/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_{t-1}); the last step returns x̂0.
+    """
+    _check_inputs(diffusion, noise, y)
+    if not eta >= 0.0:
+        raise SraError(f"ddim eta must be >= 0, got {eta!r}")
+    x = noise
+    n = x.shape[0]
+    for i in _indices(diffusion, progress):
+        t = torch.full((n,), i, device=x.device, dtype=torch.long)
+        out = model_fn(x, diffusion.map_timesteps(t), y)
+        step = diffusion.p_mean_variance(out, x, t, clip_denoised=clip_denoised, check_t=False)
+        xw = x.to(step.pred_x0.dtype)
+        # ε consistent with the (possibly clipped) x0 estimate
+        eps = diffusion.predict_eps_from_x0(xw, t, step.pred_x0)
+        ab = diffusion.gather("alphas_cumprod", t, xw)
+        ab_prev = diffusion.gather("alphas_cumprod_prev", t, xw)
+        sigma = eta * torch.sqrt((1.0 - ab_prev) / (1.0 - ab)) * torch.sqrt(1.0 - ab / ab_prev)
+        mean = step.pred_x0 * torch.sqrt(ab_prev) + torch.sqrt((1.0 - ab_prev - sigma**2).clamp(min=0.0)) * eps
+        if i > 0 and eta > 0:
+            x = mean + sigma * _randn(mean, generator)
+        else:
+            x = mean
+        x = x.to(noise.dtype)
+    return x

@@ -1,0 +1,55 @@
+"""Loss curves from a run's ``metrics.jsonl`` as one PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# The panels drawn, in order, when the run logged them.
+PANELS = (("loss", "total loss"), ("denoise", "denoising loss"), ("align", "alignment loss"),
+          ("cosine", "student·teacher cosine"), ("grad_norm", "grad norm"), ("lr", "learning rate"))
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Records of a JSON-lines file (a torn last line from a killed run is ignored)."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def plot_curves(metrics_jsonl: str | Path, out_png: str | Path, title: str = "") -> Path | None:
+    """Plot every logged panel against the step; returns the PNG path (None if nothing logged)."""
+    rows = [r for r in read_jsonl(metrics_jsonl) if "step" in r]
+    panels = [(k, label) for k, label in PANELS if any(k in r for r in rows)]
+    if not rows or not panels:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(3, len(panels))
+    nrows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.0 * nrows), squeeze=False)
+    for ax, (key, label) in zip(axes.flat, panels):
+        pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2)
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+        if key in ("loss", "denoise", "grad_norm") and all(p[1] > 0 for p in pts):
+            ax.set_yscale("log")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out_png)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
