@@ -17,7 +17,8 @@ from sra.diffusion.ddpm import (
     space_timesteps,
 )
 from sra.errors import SraError
-from sra.sampling.ddpm import cfg_epsilon_combine, ddim_sample, ddpm_sample
+from sra.sampling.ddpm import ddim_sample, ddpm_sample
+from sra.sampling.guidance import cfg_combine
 
 
 @pytest.fixture(autouse=True)
@@ -256,7 +257,7 @@ def test_bad_inputs_raise_sra_error(diff):
             diff.respaced(bad)
         assert "\n" not in str(e.value)
     with pytest.raises(SraError, match="1..4"):
-        cfg_epsilon_combine(torch.zeros(1, 8, 2, 2), torch.zeros(1, 8, 2, 2), 2.0, channels=5)
+        cfg_combine(torch.zeros(1, 8, 2, 2), torch.zeros(1, 8, 2, 2), 2.0, learn_sigma=True, channels=5)
 
 
 # ---------------------------------------------------------------------------- respacing
@@ -353,16 +354,16 @@ def test_ddpm_sampling_reproducible_and_last_step_is_mean(diff):
     assert torch.equal(d1, d2)
 
 
-def test_cfg_epsilon_combine():
+def test_cfg_combine_learned_sigma():
     C = 4
     cond = torch.randn(2, 2 * C, 3, 3)
     unc = torch.randn(2, 2 * C, 3, 3)
-    out = cfg_epsilon_combine(cond, unc, 1.5)
+    out = cfg_combine(cond, unc, 1.5, learn_sigma=True)
     assert torch.allclose(out[:, :C], unc[:, :C] + 1.5 * (cond[:, :C] - unc[:, :C]))
     assert torch.equal(out[:, C:], cond[:, C:])
-    out3 = cfg_epsilon_combine(cond, unc, 4.0, channels=3)
+    out3 = cfg_combine(cond, unc, 4.0, learn_sigma=True, channels=3)
     assert torch.allclose(out3[:, :3], unc[:, :3] + 4.0 * (cond[:, :3] - unc[:, :3]))
     assert torch.equal(out3[:, 3:], cond[:, 3:])  # 4th ε channel and variance: conditional
-    assert torch.allclose(cfg_epsilon_combine(cond, unc, 1.0), cond, atol=1e-6)
-    eps_only = cfg_epsilon_combine(cond[:, :C], unc[:, :C], 2.0, learn_sigma=False)
+    assert torch.allclose(cfg_combine(cond, unc, 1.0, learn_sigma=True), cond, atol=1e-6)
+    eps_only = cfg_combine(cond[:, :C], unc[:, :C], 2.0, learn_sigma=False)
     assert torch.allclose(eps_only, 2 * cond[:, :C] - unc[:, :C], atol=1e-6)

@@ -1,0 +1,77 @@
+"""Datasets (bundled digits, the release's ``vae-sd`` layout, the packed format) and preprocessing.
+
+Training, sampling and evaluation open data through :func:`build_dataset` and see one interface:
+``(x, y)`` items plus ``.info`` (:class:`~sra.data.base.DataInfo`).
+"""
+
+from __future__ import annotations
+
+import os
+
+from torch.utils.data import Dataset
+
+from sra.data.base import SD_VAE_SCALE, DataInfo, decode_scale, draw_latents
+from sra.errors import SraError
+
+__all__ = [
+    "SD_VAE_SCALE", "DataInfo", "decode_scale", "draw_latents", "build_dataset", "dataset_kind",
+]
+
+DIGITS = "digits"
+
+
+def dataset_kind(spec: str) -> str:
+    """Which reader ``spec`` needs: "digits", "packed" or "release" (SraError if none fits)."""
+    from sra.data.encode import PACKED_DIR
+    from sra.data.packed import is_packed
+    from sra.data.release import find_release
+
+    if spec == DIGITS:
+        return DIGITS
+    if not os.path.exists(spec):
+        raise SraError(
+            f"dataset {spec!r} not found; allowed: 'digits', a packed folder (sra-packed.json), "
+            "or a release vae-sd folder/ZIP (dataset.json + img-mean-std-*.npy)"
+        )
+    if os.path.isdir(spec) and (is_packed(spec) or is_packed(os.path.join(spec, PACKED_DIR))):
+        return "packed"
+    if find_release(spec) is not None:
+        return "release"
+    raise SraError(
+        f"{spec} is neither a packed dataset (no sra-packed.json) nor release latents (no "
+        "dataset.json with img-mean-std-*.npy files, no vae-sd/ inside); allowed: 'digits', a "
+        "packed folder, a release vae-sd folder/ZIP"
+    )
+
+
+def build_dataset(
+    spec: str, resolution: int | None = None, latent_scale: float | None = None
+) -> Dataset:
+    """Open a dataset by ``spec``: "digits", a packed folder, or a release ``vae-sd`` folder/ZIP.
+
+    An ``encode`` output folder works too (its ``packed/`` is preferred over its ``vae-sd/``).
+    ``resolution`` (pixels) is checked against latent data (latent size × 8) and ignored for
+    the pixel-space digits. ``latent_scale`` overrides the stored/default 0.18215.
+    """
+    kind = dataset_kind(os.fspath(spec))
+    if kind == DIGITS:
+        from sra.data.digits import DigitsDataset
+
+        return DigitsDataset()
+    if kind == "packed":
+        from sra.data.encode import PACKED_DIR
+        from sra.data.packed import PackedLatentDataset, is_packed
+
+        path = spec if is_packed(spec) else os.path.join(spec, PACKED_DIR)
+        dataset: Dataset = PackedLatentDataset(path, latent_scale=latent_scale)
+    else:
+        from sra.data.release import ReleaseLatentDataset
+
+        dataset = ReleaseLatentDataset(spec, latent_scale=latent_scale)
+    info: DataInfo = dataset.info  # type: ignore[attr-defined]
+    if resolution is not None and info.resolution != resolution:
+        raise SraError(
+            f"dataset {spec} holds {info.size}x{info.size} latents = {info.resolution}px images, "
+            f"but --resolution is {resolution}"
+        )
+    return dataset

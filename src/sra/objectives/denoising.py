@@ -14,15 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
+from sra.diffusion.ddpm import mean_flat
 from sra.diffusion.paths import TIME_SAMPLERS, get_path, sample_time
 from sra.errors import check_choice
 
 PREDICTIONS = ("v",)  # the release trains SiT with v-prediction only
-
-
-def mean_flat(x: torch.Tensor) -> torch.Tensor:
-    """Mean over all non-batch dimensions, (N, …) → (N,)."""
-    return x.mean(dim=tuple(range(1, x.dim())))
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sra.errors import SraError, check_choice
-from sra.objectives.denoising import mean_flat
 
 # Alignment distances between student (N, T, D) and teacher (N, T, D) tokens, computed in fp32.
 #  cos           1 − cosine similarity of each token along the feature dim, averaged (the method)

@@ -3,7 +3,7 @@
 ``model_fn(x, t, y) -> (N, 2C, H, W)`` receives ORIGINAL integer steps (0..999): the samplers
 walk the (possibly respaced) schedule of ``diffusion`` and map each index through
 ``diffusion.timestep_map`` before calling the model. Guidance is applied by wrapping the model
-into a ``model_fn`` (see ``sampling/guidance.py``); :func:`cfg_epsilon_combine` is the ε-only
+into a ``model_fn`` (see ``sampling/guidance.py``, whose :func:`cfg_combine` is the ε-only
 combination rule such a wrapper uses.
 """
 
@@ -18,37 +18,6 @@ from sra.diffusion.ddpm import GaussianDiffusion
 from sra.errors import SraError
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
-
-
-def cfg_epsilon_combine(
-    out_cond: torch.Tensor,
-    out_uncond: torch.Tensor,
-    scale: float,
-    channels: int | None = None,
-    *,
-    learn_sigma: bool = True,
-) -> torch.Tensor:
-    """Classifier-free guidance on the ε half of DiT outputs.
-
-    ``out_*``: (N, 2C, ...) = ε ‖ v (or (N, C, ...) = ε when ``learn_sigma`` is False).
-    The first ``channels`` ε channels become ε_u + scale·(ε_c − ε_u) (``None`` → all C; the
-    DiT release guides only the first 3); the remaining ε channels and the variance half
-    are the conditional model's.
-    """
-    if out_cond.shape != out_uncond.shape:
-        raise SraError(
-            f"conditional and unconditional outputs differ in shape: {tuple(out_cond.shape)} vs {tuple(out_uncond.shape)}"
-        )
-    total = out_cond.shape[1]
-    if learn_sigma and total % 2:
-        raise SraError(f"learned-sigma outputs need an even channel count (ε ‖ v), got {total}")
-    C = total // 2 if learn_sigma else total
-    k = C if channels is None else int(channels)
-    if not 1 <= k <= C:
-        raise SraError(f"guided channels must be in 1..{C} (or None for all), got {channels!r}")
-    eps_c, eps_u = out_cond[:, :k], out_uncond[:, :k]
-    guided = eps_u + scale * (eps_c - eps_u)
-    return torch.cat([guided, out_cond[:, k:]], dim=1)
 
 
 def _randn(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from sra.errors import SraError
 from sra.sampling.config import SamplerConfig
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -20,12 +21,24 @@ def cfg_combine(
     cond: torch.Tensor, uncond: torch.Tensor, scale: float, learn_sigma: bool = False,
     channels: int | None = None,
 ) -> torch.Tensor:
-    """u + w·(c − u). With ``learn_sigma`` (DiT) only the ε half is guided and the conditional
-    variance half kept; ``channels=3`` guides only the first 3 ε channels (the DiT release)."""
-    if not learn_sigma and channels is None:
+    """u + w·(c − u).
+
+    SiT (``learn_sigma`` False, ``channels`` None): every channel. DiT (``learn_sigma``): the
+    outputs are ε ‖ v, (N, 2C, …); only the first ``channels`` ε channels are guided (None → all
+    C; the DiT release guides 3) and the rest, variance half included, are the conditional ones.
+    """
+    if cond.shape != uncond.shape:
+        raise SraError(f"conditional and unconditional outputs differ in shape: "
+                       f"{tuple(cond.shape)} vs {tuple(uncond.shape)}")
+    total = cond.shape[1]
+    if learn_sigma and total % 2:
+        raise SraError(f"learned-sigma outputs need an even channel count (ε ‖ v), got {total}")
+    C = total // 2 if learn_sigma else total
+    k = C if channels is None else int(channels)
+    if not 1 <= k <= C:
+        raise SraError(f"guided channels must be in 1..{C} (or None for all), got {channels!r}")
+    if k == total:
         return uncond + scale * (cond - uncond)
-    c = cond.shape[1] // 2 if learn_sigma else cond.shape[1]
-    k = c if channels is None else min(channels, c)
     guided = uncond[:, :k] + scale * (cond[:, :k] - uncond[:, :k])
     return torch.cat([guided, cond[:, k:]], dim=1)
 
