@@ -90,8 +90,10 @@ class Trainer:
         loop = cfg.loop
         self.run_dir = Path(cfg.output_dir) / cfg.exp_name
         trackers = [] if loop.report_to == "none" else [loop.report_to]
+        # Several processes without CUDA: accelerate only picks gloo/MULTI_CPU when told "cpu".
+        multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
         self.accelerator = Accelerator(
-            mixed_precision=loop.mixed_precision, log_with=trackers or None,
+            cpu=multi_cpu, mixed_precision=loop.mixed_precision, log_with=trackers or None,
             project_config=ProjectConfiguration(project_dir=str(self.run_dir),
                                                 logging_dir=str(self.run_dir / "tb")),
         )
@@ -117,7 +119,7 @@ class Trainer:
             raise SraError(f"{self.run_dir} already holds checkpoints; pass --resume auto to "
                            f"continue it or choose another --exp-name / --output-dir")
 
-        set_seed(loop.seed, device_specific=True)  # different noise per process
+        set_seed(loop.seed)  # identical initial weights (and so EMA) on every process
         model = build_model(self.model_cfg)
         model.set_fused_attention(cfg.model.fused_attn)
         if cfg.init_from:
@@ -130,6 +132,7 @@ class Trainer:
             weight_decay=cfg.optim.adam_weight_decay, eps=cfg.optim.adam_epsilon,
             fused=fused, foreach=None if fused else True,
         )
+        set_seed(loop.seed, device_specific=True)  # but different noise per process
         self.objective = SRAObjective(make_process(self.model_cfg.family, cfg.flow), cfg.align,
                                       cfg.data.label_dropout, self.model_cfg.num_classes)
         self.step = 0
@@ -275,7 +278,8 @@ class Trainer:
         return decode_latents(z, self.info, vae=self.cfg.data.vae)
 
     def evaluate_digits(self) -> dict | None:
-        if self.cfg.data.data_dir != "digits" or not self.cfg.loop.eval_digits:
+        loop = self.cfg.loop
+        if self.cfg.data.data_dir != "digits" or not loop.eval_digits or loop.eval_samples < 1:
             return None
         if not self.accelerator.is_main_process:
             return None
@@ -404,11 +408,24 @@ class Trainer:
             self.save(advance(self.start, micro_done, self.sampler.batches_per_epoch))
         if not loop.sample_steps or self.step % loop.sample_steps:
             self._monitor(f"step-{self.step:07d}")
+        self.check_replicas()
         metrics = self.evaluate_digits()
         if metrics:
             log.info("digits metric of EMA samples: %s", json.dumps(metrics))
         acc.end_training()
         return self.run_dir
+
+    def check_replicas(self) -> list[float]:
+        """Every process must hold the same EMA (the teacher); a checksum per rank is compared
+        and written to ``replicas.json`` — a desynchronised run fails loudly here."""
+        acc = self.accelerator
+        total = torch.stack([p.detach().double().sum() for p in self.ema.parameters()]).sum()
+        sums = acc.gather(total.reshape(1)).tolist()
+        if acc.is_main_process:
+            (self.run_dir / "replicas.json").write_text(json.dumps({"ema_checksums": sums}))
+        if max(sums) != min(sums):
+            raise RuntimeError(f"EMA weights differ across processes: {sums}")
+        return sums
 
     def _monitor(self, tag: str) -> None:
         if not self.accelerator.is_main_process:
