@@ -32,6 +32,7 @@ from sra.training.batches import Position, ShardedBatchSampler, advance
 from sra.training.ema import ema_decay, make_ema, update_ema
 
 log = logging.getLogger("sra.train")
+GRID_MIN_CELL = 64  # pixels: sample-grid cells are enlarged (nearest) to at least this size
 
 
 # -- set-up helpers --------------------------------------------------------------------------------
@@ -135,6 +136,8 @@ class Trainer:
         set_seed(loop.seed, device_specific=True)  # but different noise per process
         self.objective = SRAObjective(make_process(self.model_cfg.family, cfg.flow), cfg.align,
                                       cfg.data.label_dropout, self.model_cfg.num_classes)
+        self._decoder = None
+        self._warned_vae = False
         self.step = 0
         self.start = Position()
         self.skipped = 0
@@ -241,6 +244,9 @@ class Trainer:
 
         n = self.cfg.loop.grid_samples
         images = self._ema_samples(n, seed=1234)
+        if images.shape[-1] < GRID_MIN_CELL:  # tiny images (digits): enlarge for viewing
+            factor = math.ceil(GRID_MIN_CELL / images.shape[-1])
+            images = torch.nn.functional.interpolate(images, scale_factor=factor, mode="nearest")
         path = self.run_dir / "samples" / f"{tag}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_grid(images, path, nrow=int(math.ceil(math.sqrt(n))))
@@ -271,11 +277,26 @@ class Trainer:
             out.append(z.float().cpu())
         torch.set_rng_state(rng)
         z = torch.cat(out)
-        if self.info.kind == "pixels":
-            return z.clamp(-1, 1)
-        from sra.sampling.decode import decode_latents
+        return self._decode(z)
 
-        return decode_latents(z, self.info, vae=self.cfg.data.vae)
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Model outputs → images in [-1, 1]; latents go through the VAE when it can be loaded,
+        else (no weights offline) the first 3 latent channels are shown, min-max scaled."""
+        from sra.sampling.decode import ImageDecoder
+
+        if self._decoder is None:
+            self._decoder = ImageDecoder(self.info, vae=self.cfg.data.vae, device=self.accelerator.device)
+        try:
+            return self._decoder.decode_float(z).clamp(-1, 1).cpu()
+        except (OSError, SraError, ValueError, ImportError) as exc:
+            if not self._warned_vae:
+                log.warning("cannot load VAE %r (%s); grids show latent channels instead",
+                            self.cfg.data.vae, str(exc).splitlines()[0] if str(exc) else exc)
+                self._warned_vae = True
+            z = z[:, :3].float()
+            lo = z.amin(dim=(1, 2, 3), keepdim=True)
+            hi = z.amax(dim=(1, 2, 3), keepdim=True)
+            return (z - lo) / (hi - lo).clamp_min(1e-8) * 2 - 1
 
     def evaluate_digits(self) -> dict | None:
         loop = self.cfg.loop
