@@ -58,6 +58,7 @@ def sde_sample(
     path = get_path(cfg.path_type)
     grid = torch.linspace(1.0, cfg.sde_last_t, cfg.steps, dtype=torch.float64).tolist() + [0.0]
     x = noise.to(_dtype(cfg))
+    z_dtype = x.dtype if noise.dtype == torch.float64 else torch.float32
 
     def drift(x: torch.Tensor, t: float) -> tuple[torch.Tensor, float]:
         v = _velocity(model_fn, x, t, y, noise.dtype)
@@ -69,7 +70,9 @@ def sde_sample(
         t_cur, t_next = grid[i], grid[i + 1]
         dt = t_next - t_cur  # negative
         d, w = drift(x, t_cur)
-        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        # float32 draws unless the caller's noise is float64: a seed then gives the same sample
+        # with state_dtype float32 or float64 (only the precision of the state differs).
+        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=z_dtype).to(x.dtype)
         x = x + d * dt + (w * abs(dt)) ** 0.5 * z
     t_cur = grid[-2]
     d, _ = drift(x, t_cur)

@@ -1,0 +1,338 @@
+"""Training-step throughput: our compute path against the release's, side by side in one run.
+
+    .venv/bin/python benchmarks/bench_train.py                       # CPU: SiT-B/4 @32², digits
+    .venv/bin/python benchmarks/bench_train.py --case sit-xl2 --batch 32 64 --compile  # a GPU
+    .venv/bin/python benchmarks/bench_train.py --out docs/benchmarks.md --json results.json
+
+Both paths are the same code (:class:`~sra.objectives.SRAObjective`, the same model, batch,
+seed, step function); the release's compute path is re-created by switching options:
+
+=========================  ==========================================  =========================
+choice                     ours                                        release
+=========================  ==========================================  =========================
+teacher forward            blocks 1..t only (``stop_after``)           every block + final layer
+teacher precision          the student's autocast                      fp32, outside autocast
+attention                  SDPA                                        explicit softmax(qkᵀ)v
+AdamW                      fused (CUDA) / foreach (CPU)                ``foreach=False`` loop
+EMA                        ``_foreach_lerp_`` (:func:`update_ema`)     python loop, mul_/add_
+compile (``--compile``)    an extra path "ours+compile"                never
+=========================  ==========================================  =========================
+
+Every call of a path seeds the global RNG with the same value, so step i of every path draws
+the same labels dropout, times, noise and teacher gap: the step-0 losses must agree (exactly
+up to float rounding in fp32; within bf16 rounding when only the release's teacher is fp32).
+Steps run interleaved (A B, B A, …) to cancel machine drift; the median is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+from common import (  # noqa: E402
+    H100_BF16_DENSE_TFLOPS, describe_machine, dump_json, fmt_bytes, machine_info, markdown_table,
+    mfu, resolve_device, time_interleaved, train_step_flops, unzero_init, write_section,
+)
+from sra.models import ModelConfig, build_model, model_config  # noqa: E402
+from sra.objectives import AlignConfig, FlowConfig, SRAObjective, make_process  # noqa: E402
+from sra.training.ema import make_ema, update_ema, update_ema_loop  # noqa: E402
+
+# Release defaults (SPEC §3): AdamW, clip, EMA decay, label dropout.
+LR, BETAS, EPS, WEIGHT_DECAY = 1e-4, (0.9, 0.999), 1e-8, 0.0
+MAX_GRAD_NORM = 1.0
+EMA_DECAY = 0.9999
+LABEL_DROPOUT = 0.1
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+LOSS_TOL_FP32 = 1e-5  # step-0 |Δloss| allowed between the paths when both run in fp32
+
+PATH_CHOICES = {
+    "ours": ("teacher stops after block t (no final layer), teacher under the same autocast, "
+             "SDPA attention, AdamW fused (CUDA) / foreach (CPU), EMA one foreach lerp"),
+    "ours+compile": "as ours, with the student forward through torch.compile (as `sra train --compile`)",
+    "release": ("teacher runs every block and the final layer, teacher outside autocast in fp32, "
+                "explicit softmax attention, AdamW foreach=False (per-parameter loop), "
+                "EMA python loop (mul_ then add_ per parameter)"),
+}
+
+
+@dataclass(frozen=True)
+class TrainCase:
+    """A model, its alignment blocks, a batch and where the batch comes from."""
+
+    name: str
+    title: str
+    model: ModelConfig
+    align: AlignConfig
+    batch: int
+    data: str = "latents"  # "latents": N(0, 1) latents; "digits": the bundled digits
+
+
+def _latent_case(name: str, title: str, model: str, input_size: int, batch: int, s: int, t: int,
+                 **overrides) -> TrainCase:
+    mcfg = model_config(model, **{"input_size": input_size, "in_channels": 4, "num_classes": 1000,
+                                  **overrides})
+    return TrainCase(name, title, mcfg, AlignConfig(student_block=s, teacher_block=t), batch)
+
+
+def _digits_case() -> TrainCase:
+    from sra.config import preset
+    from sra.data.digits import DIGITS_CLASSES, DIGITS_SIZE
+
+    cfg = preset("digits")
+    spec = cfg.model
+    mcfg = model_config(spec.name, depth=spec.depth, hidden_size=spec.hidden_size,
+                        num_heads=spec.num_heads, patch_size=spec.patch_size,
+                        input_size=DIGITS_SIZE, in_channels=1, num_classes=DIGITS_CLASSES)
+    return TrainCase("digits", f"digits preset ({spec.depth}×{spec.hidden_size}, patch "
+                     f"{spec.patch_size}, 16×16×1)", mcfg, cfg.align, cfg.loop.global_batch_size,
+                     data="digits")
+
+
+def make_case(name: str) -> TrainCase:
+    """The registered cases: ``sit-b4`` (CPU), ``digits`` (CPU), ``sit-xl2`` (GPU), ``tiny`` (tests)."""
+    if name == "sit-b4":  # the release's default blocks s = 4, t = 8
+        return _latent_case(name, "SiT-B/4, 32×32×4 latents", "SiT-B/4", 32, 8, 4, 8)
+    if name == "sit-xl2":  # the paper's XL recipe s = 8, t = 20
+        return _latent_case(name, "SiT-XL/2, 32×32×4 latents (256 px)", "SiT-XL/2", 32, 32, 8, 20)
+    if name == "digits":
+        return _digits_case()
+    if name == "tiny":
+        return _latent_case(name, "tiny SiT (3×32, patch 2, 8×8×4)", "SiT-S/2", 8, 4, 1, 2,
+                            depth=3, hidden_size=32, num_heads=2, num_classes=10)
+    raise SystemExit(f"unknown case {name!r}; choose from sit-b4, digits, sit-xl2, tiny")
+
+
+def make_batch(case: TrainCase, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One fixed batch (x0, y) reused by every step of every path."""
+    g = torch.Generator().manual_seed(seed)
+    m = case.model
+    if case.data == "digits":
+        from sra.data.digits import DigitsDataset
+
+        ds = DigitsDataset(m.input_size)
+        idx = torch.randperm(len(ds), generator=g)[: case.batch]
+        return ds.images[idx].to(device), ds.labels[idx].to(device)
+    x0 = torch.randn(case.batch, m.in_channels, m.input_size, m.input_size, generator=g)
+    y = torch.randint(0, m.num_classes, (case.batch,), generator=g)
+    return x0.to(device), y.to(device)
+
+
+class Fp32Teacher(nn.Module):
+    """The release's teacher call: autocast off, float inputs cast to fp32."""
+
+    def __init__(self, ema: nn.Module, device_type: str):
+        super().__init__()
+        self.ema = ema
+        self.device_type = device_type
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **kwargs):
+        with torch.autocast(self.device_type, enabled=False):
+            t = t.float() if t.is_floating_point() else t
+            return self.ema(x.float(), t, y, **kwargs)
+
+
+def build_path(kind: str, base: nn.Module, case: TrainCase, device: torch.device,
+               amp: torch.dtype | None, seed: int, x0: torch.Tensor, y: torch.Tensor):
+    """A training-step function ``step(i) -> (total, denoise, align)`` of one path on its own
+    copy of ``base`` (and its own EMA and optimizer)."""
+    release = kind == "release"
+    model = copy.deepcopy(base).to(device).train()
+    model.set_fused_attention(not release)
+    ema = make_ema(model)  # equal to the model, attention setting included
+    cuda = device.type == "cuda"
+    if release:
+        opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS,
+                                weight_decay=WEIGHT_DECAY, foreach=False, fused=False)
+        teacher = Fp32Teacher(ema, device.type)
+        ema_fn = update_ema_loop
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS,
+                                weight_decay=WEIGHT_DECAY, fused=cuda, foreach=None if cuda else True)
+        teacher = ema
+        ema_fn = update_ema
+    forward_model = torch.compile(model) if kind == "ours+compile" else model
+    objective = SRAObjective(make_process(case.model.family, FlowConfig()), case.align,
+                             LABEL_DROPOUT, case.model.num_classes, teacher_full_forward=release)
+    objective.check_model(case.model.depth)
+
+    def step(i: int):
+        torch.manual_seed(seed + i)  # identical draws for step i of every path
+        ctx = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
+        with ctx:
+            out = objective(forward_model, teacher, x0, y, i)
+        out.total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema_fn(ema, model, EMA_DECAY)
+        return out.total.detach(), out.denoise, out.align
+
+    return step
+
+
+def run_case(case: TrainCase, device: torch.device, amp: torch.dtype | None, compile_: bool,
+             warmup: int, repeats: int, seed: int, peak_tflops: float | None) -> dict:
+    """Time every path of one case; returns the case's result record."""
+    torch.manual_seed(seed)
+    base = unzero_init(build_model(case.model), seed)
+    x0, y = make_batch(case, seed, device)
+    kinds = ["ours"] + (["ours+compile"] if compile_ else []) + ["release"]
+    steps = {k: build_path(k, base, case, device, amp, seed, x0, y) for k in kinds}
+    del base
+    losses: dict[str, list[tuple[float, float, float]]] = {k: [] for k in kinds}
+
+    def record(name: str, i: int, result) -> None:
+        losses[name].append(tuple(float(v) for v in result))
+
+    timings = time_interleaved(steps, device, warmup, repeats, on_result=record)
+    flops = train_step_flops(case.model, case.align.teacher_block)
+    flops_release = train_step_flops(case.model, case.align.teacher_block, full_teacher=True)
+    paths = {}
+    for k in kinds:
+        summ = timings[k].summary()
+        med = summ["median_s"]
+        paths[k] = {
+            **summ, "images_per_s": case.batch / med, "description": PATH_CHOICES[k],
+            "loss_step0": losses[k][0][0], "denoise_step0": losses[k][0][1],
+            "align_step0": losses[k][0][2], "losses": [v[0] for v in losses[k]],
+            # MFU counts the FLOPs the step needs (the partial teacher) for every path.
+            "mfu": mfu(flops["step"] * case.batch, med, peak_tflops),
+            "tflops_per_s": flops["step"] * case.batch / med / 1e12,
+        }
+    ref = paths["release"]
+    for k in kinds:
+        if k != "release":
+            paths[k]["speedup_vs_release"] = ref["median_s"] / paths[k]["median_s"]
+            paths[k]["loss_step0_absdiff"] = abs(paths[k]["loss_step0"] - ref["loss_step0"])
+            paths[k]["loss_max_absdiff"] = max(
+                abs(a - b) for a, b in zip(paths[k]["losses"], ref["losses"]))
+    return {
+        "case": case.name, "title": case.title, "batch": case.batch,
+        "model": case.model.to_dict(),
+        "align": {"student_block": case.align.student_block,
+                  "teacher_block": case.align.teacher_block, "loss_type": case.align.loss_type},
+        "amp": str(amp).replace("torch.", "") if amp is not None else "none",
+        "flops_per_image": {"ours_needed": flops, "release_executed": flops_release},
+        "paths": paths,
+    }
+
+
+def to_markdown(results: dict) -> str:
+    """The results as a markdown section."""
+    m = results["machine"]
+    lines = [
+        "### Training step: ours vs the release's compute path",
+        "",
+        f"Machine: {describe_machine(m)}. Command: `{results['command']}`. "
+        f"{results['warmup']} warm-up + {results['repeats']} measured steps per path, "
+        "interleaved; median step time, spread = (max − min)/median.",
+        "",
+    ]
+    rows = []
+    for c in results["cases"]:
+        for k, p in c["paths"].items():
+            rows.append([
+                c["title"] if k == next(iter(c["paths"])) else "", c["batch"], c["amp"], k,
+                f"{p['median_s'] * 1000:.1f} ms", f"±{p['spread_pct'] / 2:.0f}%",
+                f"{p['images_per_s']:.1f}",
+                f"{fmt_bytes(p['peak_mem_bytes'])} (+{fmt_bytes(p['added_mem_bytes'])})",
+                f"{p['mfu'] * 100:.1f}%" if p["mfu"] is not None else "–",
+                f"{p['speedup_vs_release']:.2f}×" if "speedup_vs_release" in p else "1.00×",
+                f"{p['loss_step0']:.6f}",
+            ])
+    lines.append(markdown_table(
+        ["case", "batch", "amp", "path", "step", "spread", "images/s", "peak mem (+step)", "MFU",
+         "speed-up", "loss @ step 0"], rows))
+    lines += ["", "Memory: " + next(iter(results["cases"][0]["paths"].values()))["memory_kind"]
+              + " during the step (+ what the step added on top of what was resident before it; "
+              "on CPU the process holds every path's model, EMA and optimizer state)."]
+    lines += ["", "Paths:"] + [f"- **{k}**: {v}" for k, v in PATH_CHOICES.items()
+                              if any(k in c["paths"] for c in results["cases"])]
+    for c in results["cases"]:
+        f = c["flops_per_image"]
+        lines.append(f"- {c['title']}: {f['ours_needed']['step'] / 1e9:.2f} GFLOP per image per "
+                     f"step needed (3 × student forward + teacher to block "
+                     f"{c['align']['teacher_block']}); the release executes "
+                     f"{f['release_executed']['step'] / 1e9:.2f}.")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--case", nargs="+", default=None,
+                   help="cases to run: sit-b4, digits, sit-xl2, tiny (default: sit-b4 digits on "
+                        "CPU, sit-xl2 on CUDA)")
+    p.add_argument("--batch", nargs="+", type=int, default=None,
+                   help="batch sizes (each case runs once per size; default: the case's own; "
+                        "sit-xl2 on CUDA: 32 64)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--amp", default="auto", choices=["auto", *AMP_DTYPES],
+                   help="autocast dtype of the step (auto: bf16 on CUDA, none on CPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time ours with the student forward under torch.compile")
+    p.add_argument("--warmup", type=int, default=3, help="warm-up steps per path (not timed)")
+    p.add_argument("--repeats", type=int, default=10, help="measured steps per path")
+    p.add_argument("--seed", type=int, default=0, help="weights, batch and per-step RNG seed")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help=f"the device's peak TFLOP/s for MFU (default: {H100_BF16_DENSE_TFLOPS:g} "
+                        "= H100 bf16 dense on CUDA, none on CPU)")
+    p.add_argument("--json", default=None, help="write the results as JSON here ('-' = stdout)")
+    p.add_argument("--out", default=None,
+                   help="markdown file to update with the results table (e.g. docs/benchmarks.md)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    """Run the benchmark; returns ``{"machine", "cases": [...], ...}`` (see :func:`run_case`)."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    amp = AMP_DTYPES[("bf16" if cuda else "none") if args.amp == "auto" else args.amp]
+    peak = args.peak_tflops if args.peak_tflops is not None else (H100_BF16_DENSE_TFLOPS if cuda else None)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True  # as the training loop does
+        torch.backends.cudnn.allow_tf32 = True
+    names = args.case or (["sit-xl2"] if cuda else ["sit-b4", "digits"])
+    results = {"machine": machine_info(device), "warmup": args.warmup, "repeats": args.repeats,
+               "command": " ".join(["bench_train.py", *(argv if argv is not None else sys.argv[1:])]),
+               "cases": []}
+    for name in names:
+        case = make_case(name)
+        batches = args.batch or ([32, 64] if name == "sit-xl2" else [case.batch])
+        for b in batches:
+            c = replace(case, batch=b)
+            print(f"[bench_train] {c.title}, batch {b}, amp {amp} …", file=sys.stderr, flush=True)
+            rec = run_case(c, device, amp, args.compile, args.warmup, args.repeats, args.seed, peak)
+            for k, p in rec["paths"].items():
+                extra = (f", {p['speedup_vs_release']:.2f}× vs release, |Δloss@0| "
+                         f"{p['loss_step0_absdiff']:.2e}") if "speedup_vs_release" in p else ""
+                print(f"  {k:13s} {p['median_s'] * 1000:8.1f} ms/step (±{p['spread_pct'] / 2:.0f}%)"
+                      f"  {p['images_per_s']:8.1f} img/s  loss@0 {p['loss_step0']:.6f}{extra}",
+                      file=sys.stderr, flush=True)
+            if amp is None and rec["paths"]["ours"]["loss_step0_absdiff"] > LOSS_TOL_FP32:
+                print(f"  WARNING: step-0 losses differ by more than {LOSS_TOL_FP32}",
+                      file=sys.stderr)
+            results["cases"].append(rec)
+    md = to_markdown(results)
+    print(md)
+    if args.out:
+        write_section(args.out, "bench_train", md)
+    dump_json(results, args.json)
+    return results
+
+
+if __name__ == "__main__":
+    main()
