@@ -1,6 +1,5 @@
 """Interpolants: derivatives against autograd, score identity, time samplers."""
 
-import math
 
 import pytest
 import torch

@@ -8,7 +8,7 @@ command-line flags override single fields; the resolved result is written to
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from typing import Any
 
 from sra.errors import SraError, check_choice

@@ -8,7 +8,6 @@ target. Total = denoise + λ(step)·align. With alignment off the teacher is nev
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch

@@ -7,12 +7,12 @@ and accumulation steps; each process's micro-batch is global / (processes × acc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import signal
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from sra.config import TrainConfig, config_from_dict
+from sra.config import TrainConfig
 from sra.data.base import DataInfo, draw_latents
 from sra.errors import SraError
 from sra.models import ModelConfig, build_model, model_config
@@ -358,7 +358,7 @@ class Trainer:
                     y = y.to(acc.device, non_blocking=True)
                     x0 = draw_latents(x, self.info)
                     sync = k == A - 1
-                    ctx = acc.no_sync(model) if not sync else _nullcontext()
+                    ctx = acc.no_sync(model) if not sync else contextlib.nullcontext()
                     with ctx, acc.autocast():  # the teacher runs under the same autocast
                         out = self.objective(self.forward_model, self.ema, x0, y, self.step)
                         acc.backward(out.total / A)
@@ -460,14 +460,6 @@ class Trainer:
 
 
 # -- small utilities -------------------------------------------------------------------------------
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _any(acc, flag: bool) -> bool:
     if acc.num_processes == 1:
         return flag
