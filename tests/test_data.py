@@ -378,7 +378,7 @@ def test_encode_bad_input(tmp_path, data_tiny_vae):
     meta = json.loads((tmp_path / "images" / "dataset.json").read_text())
     meta["labels"] = meta["labels"][:2]
     (tmp_path / "images" / "dataset.json").write_text(json.dumps(meta))
-    with pytest.raises(SraError, match="2 labels but the source holds 3 images"):
+    with pytest.raises(SraError, match="lists 2 labels but there are 3 images"):
         encode_images(_encode_cfg(tmp_path / "images", tmp_path / "e", data_tiny_vae))
     # Non-square raw images without --crop.
     _save(str(tmp_path / "raw" / "a" / "x.png"), np.zeros((40, 48, 3), np.uint8))

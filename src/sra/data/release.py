@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from sra.data.packed import moments_info
-from sra.data.sources import LABELS_FILE, read_labels_json
+from sra.data.sources import LABELS_FILE, align_labels, read_labels_json
 from sra.errors import SraError
 
 RELEASE_DIR = "vae-sd"  # the latents' folder (or ZIP stem) inside a release data folder
@@ -101,14 +101,7 @@ class ReleaseLatentDataset(Dataset):
     def _align_labels(self, names: list[str], labels_map: dict[str, int] | None) -> np.ndarray:
         if labels_map is None:  # "labels": null → unconditional data, one class
             return np.zeros(len(names), dtype=np.int64)
-        missing = [n for n in names if n not in labels_map]
-        if missing or len(labels_map) != len(names):
-            raise SraError(
-                f"{self.path}: {LABELS_FILE} lists {len(labels_map)} labels but there are "
-                f"{len(names)} .npy files"
-                + (f" (first without a label: {missing[0]})" if missing else "")
-            )
-        labels = np.array([labels_map[n] for n in names], dtype=np.int64)
+        labels = align_labels(names, labels_map, self.path, ".npy files")
         if labels.size and labels.min() < 0:
             raise SraError(f"{self.path}: class labels must be ≥ 0, found {labels.min()}")
         return labels

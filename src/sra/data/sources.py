@@ -68,6 +68,18 @@ def read_labels_json(data: bytes | str, where: str) -> dict[str, int] | None:
         raise SraError(f"{where}: 'labels' must be a list of [path, class_index] pairs") from None
 
 
+def align_labels(names: list[str], labels_map: dict[str, int], where: object,
+                 what: str) -> np.ndarray:
+    """Labels in the order of ``names``; one clear error if the label list and files disagree."""
+    missing = [n for n in names if n not in labels_map]
+    if missing or len(labels_map) != len(names):
+        raise SraError(
+            f"{where}: {LABELS_FILE} lists {len(labels_map)} labels but there are {len(names)} "
+            f"{what}" + (f" (first without a label: {missing[0]})" if missing else "")
+        )
+    return np.array([labels_map[n] for n in names], dtype=np.int64)
+
+
 @dataclass
 class ImageSource:
     """A listed image collection. ``read(i)`` opens image ``i`` (reopening a ZIP per process)."""
@@ -149,14 +161,7 @@ def open_image_source(path: str, limit: int | None = None) -> ImageSource:
         if labels_map is None:
             labels = None
         else:
-            missing = [n for n in names if n not in labels_map]
-            if missing or len(labels_map) != len(names):
-                raise SraError(
-                    f"{path}: {LABELS_FILE} has {len(labels_map)} labels but the source holds "
-                    f"{len(names)} images"
-                    + (f" (first without a label: {missing[0]})" if missing else "")
-                )
-            labels = np.array([labels_map[n] for n in names], dtype=np.int64)
+            labels = align_labels(names, labels_map, path, "images")
     else:
         tops = [n.split("/", 1)[0] if "/" in n else "" for n in names]
         class_names = sorted(set(tops))
