@@ -172,3 +172,14 @@ def test_resume_with_another_architecture_is_refused(tmp_path, capsys):
                  "--exp-name", "run", "--resume", "auto"])
     err = capsys.readouterr().err
     assert code == 2 and "different model" in err
+
+
+def test_gradient_accumulation_splits_the_global_batch(tmp_path):
+    cfg = tiny_cfg(tmp_path, **{"loop.gradient_accumulation_steps": 2, "loop.max_train_steps": 2,
+                                "loop.checkpoint_steps": 2})
+    trainer = Trainer(cfg)
+    assert trainer.micro_batch == 16
+    run = trainer.fit()
+    meta = ckpt.read_meta(run / "checkpoints" / "step-0000002")
+    assert meta["data"] == {"epoch": 0, "batch": 4}  # 2 steps × 2 micro-batches consumed
+    assert json.loads((run / "config.json").read_text())["micro_batch_per_process"] == 16
