@@ -94,6 +94,8 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path):
     a = load_file(tmp_path / "ref" / "checkpoints" / f"step-00000{steps}" / "ema.safetensors")
     b = load_file(run / "checkpoints" / f"step-00000{steps}" / "ema.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps_logged = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps_logged == sorted(set(steps_logged))  # no duplicates from the killed part
     ma = load_file(tmp_path / "ref" / "checkpoints" / f"step-00000{steps}" / "model.safetensors")
     mb = load_file(run / "checkpoints" / f"step-00000{steps}" / "model.safetensors")
     assert all(torch.equal(ma[k], mb[k]) for k in ma)

@@ -322,6 +322,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(self.resolved_config(), indent=2))
             _setup_file_logging(self.run_dir / "log.txt")
+            _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
         if loop.report_to != "none":
             flat = {k: str(v) for k, v in _flatten(self.resolved_config()).items()}
             acc.init_trackers(cfg.exp_name, config=flat)
@@ -484,6 +485,19 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records after ``step``: a killed run may have logged past its last checkpoint, and
+    the resumed run logs those steps again (a fresh run starts an empty file)."""
+    if not path.exists():
+        return
+    from sra.viz.curves import read_jsonl
+
+    keep = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    os.replace(tmp, path)
 
 
 def _setup_file_logging(path: Path) -> None:
