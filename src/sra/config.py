@@ -78,7 +78,7 @@ class LoopConfig:
     checkpoint_steps: int = 50_000
     keep_last: int = 2  # checkpoints kept besides milestones
     milestone_steps: int = 100_000  # checkpoints at multiples of this are never pruned
-    sample_steps: int = 10_000  # EMA sample grid every this many steps (0: never)
+    sample_steps: int = 10_000  # EMA sample grid every this many steps (0: only at the end)
     grid_samples: int = 16
     grid_sampler: SamplerConfig = SamplerConfig(mode="euler", steps=50, cfg_scale=4.0)
     max_consecutive_skips: int = 25  # non-finite steps in a row before stopping

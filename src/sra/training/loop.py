@@ -126,7 +126,8 @@ class Trainer:
         if cfg.init_from:
             self._init_weights(model, cfg.init_from)
         self.ema = make_ema(model).to(acc.device)
-        fused = acc.device.type == "cuda"
+        # Fused AdamW exists for CUDA and (torch ≥ 2.4) CPU: one kernel instead of a per-tensor loop.
+        fused = acc.device.type in ("cuda", "cpu")
         opt = torch.optim.AdamW(
             model.parameters(), lr=cfg.optim.learning_rate,
             betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
