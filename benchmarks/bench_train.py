@@ -13,15 +13,21 @@ choice                     ours                                        release
 teacher forward            blocks 1..t only (``stop_after``)           every block + final layer
 teacher precision          the student's autocast                      fp32, outside autocast
 attention                  SDPA                                        explicit softmax(qkᵀ)v
-AdamW                      fused (CUDA) / foreach (CPU)                ``foreach=False`` loop
+AdamW                      fused (CUDA) / foreach (CPU), as the loop   ``foreach=False`` loop
 EMA                        ``_foreach_lerp_`` (:func:`update_ema`)     python loop, mul_/add_
-compile (``--compile``)    an extra path "ours+compile"                never
+compile (``--compile``)    extra paths "…+compile"                     never
 =========================  ==========================================  =========================
 
+On CPU a path "ours+fused-adamw" is added: ours with ``AdamW(fused=True)``, which torch ≥ 2.4
+also has for CPU (a proposed change to the training loop, see docs/benchmarks.md; once the loop
+adopts it, set ``OURS_CPU_ADAMW = "fused"`` and the extra path disappears).
+
 Every call of a path seeds the global RNG with the same value, so step i of every path draws
-the same labels dropout, times, noise and teacher gap: the step-0 losses must agree (exactly
+the same label dropout, times, noise and teacher gap: the step-0 losses must agree (exactly
 up to float rounding in fp32; within bf16 rounding when only the release's teacher is fp32).
-Steps run interleaved (A B, B A, …) to cancel machine drift; the median is reported.
+On CPU the steps run interleaved (A B, B A, …) to cancel machine drift; on CUDA the paths run
+one after another (``--order``) since several XL copies with optimizer state would not fit.
+The median step time is reported.
 """
 
 from __future__ import annotations
@@ -40,7 +46,8 @@ import torch.nn as nn  # noqa: E402
 
 from common import (  # noqa: E402
     H100_BF16_DENSE_TFLOPS, describe_machine, dump_json, fmt_bytes, machine_info, markdown_table,
-    mfu, resolve_device, time_interleaved, train_step_flops, unzero_init, write_section,
+    mfu, release_memory, resolve_device, tensor_bytes, time_interleaved, train_step_flops,
+    unzero_init, write_section,
 )
 from sra.models import ModelConfig, build_model, model_config  # noqa: E402
 from sra.objectives import AlignConfig, FlowConfig, SRAObjective, make_process  # noqa: E402
@@ -54,13 +61,17 @@ LABEL_DROPOUT = 0.1
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOSS_TOL_FP32 = 1e-5  # step-0 |Δloss| allowed between the paths when both run in fp32
 
+# What sra.training.loop.Trainer gives AdamW on CPU ("foreach"); on CUDA it is always fused.
+OURS_CPU_ADAMW = "foreach"
 PATH_CHOICES = {
     "ours": ("teacher stops after block t (no final layer), teacher under the same autocast, "
-             "SDPA attention, AdamW fused (CUDA) / foreach (CPU), EMA one foreach lerp"),
+             "SDPA attention, AdamW fused (CUDA) / foreach (CPU) as the training loop, "
+             "EMA one foreach lerp"),
     "ours+fused-adamw": ("as ours, with AdamW fused=True on CPU too (torch ≥ 2.4 has a fused CPU "
                          "kernel; results equal up to float rounding): a proposed change to the "
-                         "training loop, which uses foreach on CPU"),
+                         "training loop"),
     "ours+compile": "as ours, with the student forward through torch.compile (as `sra train --compile`)",
+    "ours+fused-adamw+compile": "both of the above",
     "release": ("teacher runs every block and the final layer, teacher outside autocast in fp32, "
                 "explicit softmax attention, AdamW foreach=False (per-parameter loop), "
                 "EMA python loop (mul_ then add_ per parameter)"),
@@ -158,13 +169,13 @@ def build_path(kind: str, base: nn.Module, case: TrainCase, device: torch.device
         teacher = Fp32Teacher(ema, device.type)
         ema_fn = update_ema_loop
     else:  # as sra.training.loop.Trainer: fused on CUDA, foreach on CPU (or fused everywhere)
-        fused = cuda or kind == "ours+fused-adamw"
+        fused = cuda or OURS_CPU_ADAMW == "fused" or "+fused-adamw" in kind
         opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS,
                                 weight_decay=WEIGHT_DECAY, fused=fused,
                                 foreach=None if fused else True)
         teacher = ema
         ema_fn = update_ema
-    forward_model = torch.compile(model) if kind == "ours+compile" else model
+    forward_model = torch.compile(model) if kind.endswith("+compile") else model
     objective = SRAObjective(make_process(case.model.family, FlowConfig()), case.align,
                              LABEL_DROPOUT, case.model.num_classes, teacher_full_forward=release)
     objective.check_model(case.model.depth)
@@ -181,35 +192,67 @@ def build_path(kind: str, base: nn.Module, case: TrainCase, device: torch.device
         ema_fn(ema, model, EMA_DECAY)
         return out.total.detach(), out.denoise, out.align
 
+    def state_bytes() -> int:
+        """Persistent tensors of the path: weights, EMA, optimizer state (grads are freed)."""
+        opt_state = [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
+        return tensor_bytes([*model.parameters(), *model.buffers(), *ema.parameters(),
+                             *ema.buffers(), *opt_state])
+
+    step.state_bytes = state_bytes
     return step
 
 
+def cpu_fused_adamw_available() -> bool:
+    """torch ≥ 2.4 has a fused AdamW kernel for CPU tensors."""
+    try:
+        torch.optim.AdamW([torch.zeros(1, requires_grad=True)], fused=True)
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
 def default_paths(device: torch.device, compile_: bool) -> list[str]:
-    """ours, ours+fused-adamw (CPU only: on CUDA ours is fused already), ours+compile (when
-    asked), release."""
-    kinds = ["ours"]
-    if device.type != "cuda":
-        kinds.append("ours+fused-adamw")
+    """ours; ours+fused-adamw on CPU while the loop uses foreach there (on CUDA ours is fused
+    already); the +compile variants when asked; release."""
+    fused_variant = (device.type != "cuda" and OURS_CPU_ADAMW != "fused"
+                     and cpu_fused_adamw_available())
+    kinds = ["ours"] + (["ours+fused-adamw"] if fused_variant else [])
     if compile_:
-        kinds.append("ours+compile")
+        kinds += [k + "+compile" for k in kinds]
     return kinds + ["release"]
 
 
 def run_case(case: TrainCase, device: torch.device, amp: torch.dtype | None, kinds: list[str],
-             warmup: int, repeats: int, seed: int, peak_tflops: float | None) -> dict:
+             warmup: int, repeats: int, seed: int, peak_tflops: float | None,
+             sequential: bool = False) -> dict:
     """Time every path in ``kinds`` (which must include "release") on one case; returns the
-    case's result record."""
+    case's result record. ``sequential``: one path at a time, each freed before the next is
+    built (for models whose several copies do not fit the device together)."""
     torch.manual_seed(seed)
     base = unzero_init(build_model(case.model), seed)
     x0, y = make_batch(case, seed, device)
-    steps = {k: build_path(k, base, case, device, amp, seed, x0, y) for k in kinds}
-    del base
     losses: dict[str, list[tuple[float, float, float]]] = {k: [] for k in kinds}
 
     def record(name: str, i: int, result) -> None:
         losses[name].append(tuple(float(v) for v in result))
 
-    timings = time_interleaved(steps, device, warmup, repeats, on_result=record)
+    state: dict[str, int] = {}
+    release_memory(device)
+    if sequential:
+        timings = {}
+        for k in kinds:
+            step = build_path(k, base, case, device, amp, seed, x0, y)
+            timings.update(time_interleaved({k: step}, device, warmup, repeats, on_result=record))
+            state[k] = step.state_bytes()
+            del step
+            release_memory(device)
+    else:
+        steps = {k: build_path(k, base, case, device, amp, seed, x0, y) for k in kinds}
+        timings = time_interleaved(steps, device, warmup, repeats, on_result=record)
+        state = {k: s.state_bytes() for k, s in steps.items()}
+        del steps
+        release_memory(device)
+    del base
     flops = train_step_flops(case.model, case.align.teacher_block)
     flops_release = train_step_flops(case.model, case.align.teacher_block, full_teacher=True)
     paths = {}
@@ -218,6 +261,7 @@ def run_case(case: TrainCase, device: torch.device, amp: torch.dtype | None, kin
         med = summ["median_s"]
         paths[k] = {
             **summ, "images_per_s": case.batch / med, "description": PATH_CHOICES[k],
+            "state_bytes": state[k],
             "loss_step0": losses[k][0][0], "denoise_step0": losses[k][0][1],
             "align_step0": losses[k][0][2], "losses": [v[0] for v in losses[k]],
             # MFU counts the FLOPs the step needs (the partial teacher) for every path.
@@ -233,7 +277,7 @@ def run_case(case: TrainCase, device: torch.device, amp: torch.dtype | None, kin
                 abs(a - b) for a, b in zip(paths[k]["losses"], ref["losses"]))
     return {
         "case": case.name, "title": case.title, "batch": case.batch,
-        "model": case.model.to_dict(),
+        "order": "sequential" if sequential else "interleaved", "model": case.model.to_dict(),
         "align": {"student_block": case.align.student_block,
                   "teacher_block": case.align.teacher_block, "loss_type": case.align.loss_type},
         "amp": str(amp).replace("torch.", "") if amp is not None else "none",
@@ -250,7 +294,7 @@ def to_markdown(results: dict) -> str:
         "",
         f"Machine: {describe_machine(m)}. Command: `{results['command']}`. "
         f"{results['warmup']} warm-up + {results['repeats']} measured steps per path, "
-        "interleaved; median step time, spread = (max − min)/median.",
+        f"{results['cases'][0]['order']}; median step time, spread = ±(max − min)/(2·median).",
         "",
     ]
     rows = []
@@ -260,17 +304,21 @@ def to_markdown(results: dict) -> str:
                 c["title"] if k == next(iter(c["paths"])) else "", c["batch"], c["amp"], k,
                 f"{p['median_s'] * 1000:.1f} ms", f"±{p['spread_pct'] / 2:.0f}%",
                 f"{p['images_per_s']:.1f}",
+                fmt_bytes(p["state_bytes"]),
                 f"{fmt_bytes(p['peak_mem_bytes'])} (+{fmt_bytes(p['added_mem_bytes'])})",
                 f"{p['mfu'] * 100:.1f}%" if p["mfu"] is not None else "–",
                 f"{p['speedup_vs_release']:.2f}×" if "speedup_vs_release" in p else "1.00×",
                 f"{p['loss_step0']:.6f}",
             ])
     lines.append(markdown_table(
-        ["case", "batch", "amp", "path", "step", "spread", "images/s", "peak mem (+step)", "MFU",
-         "speed-up", "loss @ step 0"], rows))
-    lines += ["", "Memory: " + next(iter(results["cases"][0]["paths"].values()))["memory_kind"]
-              + " during the step (+ what the step added on top of what was resident before it; "
-              "on CPU the process holds every path's model, EMA and optimizer state)."]
+        ["case", "batch", "amp", "path", "step", "spread", "images/s", "state", "peak mem (+step)",
+         "MFU", "speed-up", "loss @ step 0"], rows))
+    kind = next(iter(results["cases"][0]["paths"].values()))["memory_kind"]
+    lines += ["", "state: the path's weights, EMA and optimizer state (exact tensor bytes). peak mem: "
+              f"{kind} during the step, and in brackets what the step added on top of what was "
+              "resident before it"
+              + ("; interleaved, the process holds every path's state at once." if any(
+                  c["order"] == "interleaved" for c in results["cases"]) else ".")]
     lines += ["", "Paths:"] + [f"- **{k}**: {v}" for k, v in PATH_CHOICES.items()
                               if any(k in c["paths"] for c in results["cases"])]
     for c in results["cases"]:
@@ -299,6 +347,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--paths", nargs="+", default=None, choices=list(PATH_CHOICES),
                    help="paths to time (release is always added; default: ours, "
                         "ours+fused-adamw on CPU, ours+compile with --compile, release)")
+    p.add_argument("--order", default="auto", choices=["auto", "interleaved", "sequential"],
+                   help="interleave the paths step by step (all resident at once) or run them one "
+                        "after another (auto: sequential on CUDA, where several XL copies with "
+                        "optimizer state would not fit, interleaved on CPU)")
     p.add_argument("--warmup", type=int, default=3, help="warm-up steps per path (not timed)")
     p.add_argument("--repeats", type=int, default=10, help="measured steps per path")
     p.add_argument("--seed", type=int, default=0, help="weights, batch and per-step RNG seed")
@@ -309,6 +361,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="write the results as JSON here ('-' = stdout)")
     p.add_argument("--out", default=None,
                    help="markdown file to update with the results table (e.g. docs/benchmarks.md)")
+    p.add_argument("--section", default="bench_train",
+                   help="name of the marked section of --out to replace (one per configuration)")
     return p.parse_args(argv)
 
 
@@ -336,7 +390,9 @@ def main(argv=None) -> dict:
         for b in batches:
             c = replace(case, batch=b)
             print(f"[bench_train] {c.title}, batch {b}, amp {amp} …", file=sys.stderr, flush=True)
-            rec = run_case(c, device, amp, kinds, args.warmup, args.repeats, args.seed, peak)
+            sequential = args.order == "sequential" or (args.order == "auto" and cuda)
+            rec = run_case(c, device, amp, kinds, args.warmup, args.repeats, args.seed, peak,
+                           sequential)
             for k, p in rec["paths"].items():
                 extra = (f", {p['speedup_vs_release']:.2f}× vs release, |Δloss@0| "
                          f"{p['loss_step0_absdiff']:.2e}") if "speedup_vs_release" in p else ""
@@ -351,7 +407,7 @@ def main(argv=None) -> dict:
     md = to_markdown(results)
     print(md)
     if args.out:
-        write_section(args.out, "bench_train", md)
+        write_section(args.out, args.section, md)
     dump_json(results, args.json)
     return results
 

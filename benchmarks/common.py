@@ -14,6 +14,8 @@ FLOPs: counted analytically from the architecture (multiply-accumulates, ×2 for
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import os
 import platform
@@ -83,7 +85,7 @@ def _cpu_model() -> str:
 def describe_machine(info: dict) -> str:
     """One line for reports."""
     dev = info.get("gpu") or f"CPU {info['cpu']} ({info['cpu_count']} cores visible)"
-    line = f"{dev}; torch {info['torch']}, {info['torch_threads']} threads, python {info['python']}"
+    line = f"{dev}; torch {info['torch']}, torch threads: {info['torch_threads']}, python {info['python']}"
     if info.get("load_avg_1m") is not None:
         line += f"; 1-min load average at start {info['load_avg_1m']:.2f}"
     return line
@@ -135,6 +137,24 @@ class PeakMemory:
         else:
             self.peak = (_proc_status_kb("VmHWM") or 0) * 1024
         return False
+
+
+def release_memory(device: torch.device) -> None:
+    """Hand freed memory back (CUDA cache; glibc heap via ``malloc_trim``) so that the next
+    measurement's peak RSS does not start from an earlier case's high-water mark."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
+    """Total storage of the given tensors (None entries skipped)."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 # -- timing ----------------------------------------------------------------------------------------
