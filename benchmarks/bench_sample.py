@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from common import (  # noqa: E402
-    describe_machine, dump_json, fmt_bytes, forward_macs, machine_info, markdown_table,
+    command_line, describe_machine, dump_json, fmt_bytes, forward_macs, machine_info,
+    markdown_table,
     release_memory, resolve_device, time_interleaved, unzero_init, write_section,
 )
 from sra.models import ModelConfig, build_model, model_config  # noqa: E402
@@ -53,7 +54,8 @@ REL_TOL_FP32 = 1e-3
 PATH_CHOICES = {
     "ours": "float32 sampler state, SDPA attention (fp32 network, or bf16 autocast with --amp)",
     "ours+compile": "as ours, the network through torch.compile",
-    "release": "float64 sampler state (network fed fp32 each step), explicit softmax attention, fp32",
+    "release": ("float64 sampler state (network fed fp32 each step), explicit softmax attention, "
+                "fp32"),
 }
 
 
@@ -116,7 +118,8 @@ def run_case(case: SampleCase, device: torch.device, steps: int, amp: torch.dtyp
     base = unzero_init(build_model(case.model), seed)
     m = case.model
     g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(case.batch, m.in_channels, m.input_size, m.input_size, generator=g).to(device)
+    shape = (case.batch, m.in_channels, m.input_size, m.input_size)
+    noise = torch.randn(shape, generator=g).to(device)
     y = torch.randint(0, m.num_classes, (case.batch,), generator=g).to(device)
     runs = {k: build_path(k, base, device, steps, amp, noise, y, seed) for k in kinds}
     first: dict[str, torch.Tensor] = {}
@@ -168,8 +171,8 @@ def to_markdown(results: dict) -> str:
         "",
         f"Machine: {describe_machine(m)}. Command: `{results['command']}`. "
         f"{results['warmup']} warm-up + {results['repeats']} measured runs per path, interleaved; "
-        f"median time per run of `batch` samples, spread = ±(max − min)/(2·median). CFG {CFG_SCALE} "
-        f"on t ∈ [{GUIDANCE_LOW}, {GUIDANCE_HIGH}].",
+        "median time per run of `batch` samples, spread = ±(max − min)/(2·median). "
+        f"CFG {CFG_SCALE} on t ∈ [{GUIDANCE_LOW}, {GUIDANCE_HIGH}].",
         "",
     ]
     rows = []
@@ -227,7 +230,7 @@ def main(argv=None) -> dict:
     names = args.case or (["sit-xl2"] if device.type == "cuda" else ["sit-b4"])
     kinds = ["ours"] + (["ours+compile"] if args.compile else []) + ["release"]
     results = {"machine": machine_info(device), "warmup": args.warmup, "repeats": args.repeats,
-               "command": " ".join(["bench_sample.py", *(argv if argv is not None else sys.argv[1:])]),
+               "command": command_line("bench_sample.py", argv),
                "cases": []}
     for name in names:
         case = make_case(name)

@@ -13,14 +13,12 @@ choice                     ours                                        release
 teacher forward            blocks 1..t only (``stop_after``)           every block + final layer
 teacher precision          the student's autocast                      fp32, outside autocast
 attention                  SDPA                                        explicit softmax(qkᵀ)v
-AdamW                      fused (CUDA) / foreach (CPU), as the loop   ``foreach=False`` loop
+AdamW                      fused (CUDA and CPU), as the loop           ``foreach=False`` loop
 EMA                        ``_foreach_lerp_`` (:func:`update_ema`)     python loop, mul_/add_
-compile (``--compile``)    extra paths "…+compile"                     never
+compile (``--compile``)    "ours+compile": the student forward, as     never
+                           ``sra train --compile``; "ours+compile-all":
+                           the teacher's forward too
 =========================  ==========================================  =========================
-
-On CPU a path "ours+fused-adamw" is added: ours with ``AdamW(fused=True)``, which torch ≥ 2.4
-also has for CPU (a proposed change to the training loop, see docs/benchmarks.md; once the loop
-adopts it, set ``OURS_CPU_ADAMW = "fused"`` and the extra path disappears).
 
 Every call of a path seeds the global RNG with the same value, so step i of every path draws
 the same label dropout, times, noise and teacher gap: the step-0 losses must agree (exactly
@@ -45,7 +43,8 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from common import (  # noqa: E402
-    H100_BF16_DENSE_TFLOPS, describe_machine, dump_json, fmt_bytes, machine_info, markdown_table,
+    H100_BF16_DENSE_TFLOPS, command_line, describe_machine, dump_json, fmt_bytes, machine_info,
+    markdown_table,
     mfu, release_memory, resolve_device, tensor_bytes, time_interleaved, train_step_flops,
     unzero_init, write_section,
 )
@@ -61,17 +60,14 @@ LABEL_DROPOUT = 0.1
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOSS_TOL_FP32 = 1e-5  # step-0 |Δloss| allowed between the paths when both run in fp32
 
-# What sra.training.loop.Trainer gives AdamW on CPU ("foreach"); on CUDA it is always fused.
-OURS_CPU_ADAMW = "foreach"
 PATH_CHOICES = {
     "ours": ("teacher stops after block t (no final layer), teacher under the same autocast, "
-             "SDPA attention, AdamW fused (CUDA) / foreach (CPU) as the training loop, "
+             "SDPA attention, AdamW fused (CUDA and CPU, as the training loop), "
              "EMA one foreach lerp"),
-    "ours+fused-adamw": ("as ours, with AdamW fused=True on CPU too (torch ≥ 2.4 has a fused CPU "
-                         "kernel; results equal up to float rounding): a proposed change to the "
-                         "training loop"),
-    "ours+compile": "as ours, with the student forward through torch.compile (as `sra train --compile`)",
-    "ours+fused-adamw+compile": "both of the above",
+    "ours+compile": ("as ours, with the student forward through torch.compile "
+                     "(as `sra train --compile`)"),
+    "ours+compile-all": ("as ours+compile, and the teacher's (EMA) forward compiled too "
+                         "(a proposal: the loop compiles the student only)"),
     "release": ("teacher runs every block and the final layer, teacher outside autocast in fp32, "
                 "explicit softmax attention, AdamW foreach=False (per-parameter loop), "
                 "EMA python loop (mul_ then add_ per parameter)"),
@@ -112,7 +108,7 @@ def _digits_case() -> TrainCase:
 
 
 def make_case(name: str) -> TrainCase:
-    """The registered cases: ``sit-b4`` (CPU), ``digits`` (CPU), ``sit-xl2`` (GPU), ``tiny`` (tests)."""
+    """Registered cases: ``sit-b4``, ``digits`` (CPU), ``sit-xl2`` (GPU), ``tiny`` (tests)."""
     if name == "sit-b4":  # the release's default blocks s = 4, t = 8
         return _latent_case(name, "SiT-B/4, 32×32×4 latents", "SiT-B/4", 32, 8, 4, 8)
     if name == "sit-xl2":  # the paper's XL recipe s = 8, t = 20
@@ -125,7 +121,8 @@ def make_case(name: str) -> TrainCase:
     raise SystemExit(f"unknown case {name!r}; choose from sit-b4, digits, sit-xl2, tiny")
 
 
-def make_batch(case: TrainCase, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def make_batch(case: TrainCase, seed: int,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """One fixed batch (x0, y) reused by every step of every path."""
     g = torch.Generator().manual_seed(seed)
     m = case.model
@@ -168,14 +165,14 @@ def build_path(kind: str, base: nn.Module, case: TrainCase, device: torch.device
                                 weight_decay=WEIGHT_DECAY, foreach=False, fused=False)
         teacher = Fp32Teacher(ema, device.type)
         ema_fn = update_ema_loop
-    else:  # as sra.training.loop.Trainer: fused on CUDA, foreach on CPU (or fused everywhere)
-        fused = cuda or OURS_CPU_ADAMW == "fused" or "+fused-adamw" in kind
+    else:  # as sra.training.loop.Trainer (torch ≥ 2.4 has the fused kernel for CPU too)
         opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS,
-                                weight_decay=WEIGHT_DECAY, fused=fused,
-                                foreach=None if fused else True)
+                                weight_decay=WEIGHT_DECAY, fused=True)
         teacher = ema
         ema_fn = update_ema
-    forward_model = torch.compile(model) if kind.endswith("+compile") else model
+    forward_model = torch.compile(model) if "+compile" in kind else model
+    if kind == "ours+compile-all":
+        teacher = torch.compile(ema)  # update_ema keeps working on ``ema`` itself
     objective = SRAObjective(make_process(case.model.family, FlowConfig()), case.align,
                              LABEL_DROPOUT, case.model.num_classes, teacher_full_forward=release)
     objective.check_model(case.model.depth)
@@ -202,24 +199,9 @@ def build_path(kind: str, base: nn.Module, case: TrainCase, device: torch.device
     return step
 
 
-def cpu_fused_adamw_available() -> bool:
-    """torch ≥ 2.4 has a fused AdamW kernel for CPU tensors."""
-    try:
-        torch.optim.AdamW([torch.zeros(1, requires_grad=True)], fused=True)
-    except (RuntimeError, ValueError):
-        return False
-    return True
-
-
-def default_paths(device: torch.device, compile_: bool) -> list[str]:
-    """ours; ours+fused-adamw on CPU while the loop uses foreach there (on CUDA ours is fused
-    already); the +compile variants when asked; release."""
-    fused_variant = (device.type != "cuda" and OURS_CPU_ADAMW != "fused"
-                     and cpu_fused_adamw_available())
-    kinds = ["ours"] + (["ours+fused-adamw"] if fused_variant else [])
-    if compile_:
-        kinds += [k + "+compile" for k in kinds]
-    return kinds + ["release"]
+def default_paths(compile_: bool) -> list[str]:
+    """ours, the two compile variants when asked, release."""
+    return ["ours"] + (["ours+compile", "ours+compile-all"] if compile_ else []) + ["release"]
 
 
 def run_case(case: TrainCase, device: torch.device, amp: torch.dtype | None, kinds: list[str],
@@ -314,11 +296,12 @@ def to_markdown(results: dict) -> str:
         ["case", "batch", "amp", "path", "step", "spread", "images/s", "state", "peak mem (+step)",
          "MFU", "speed-up", "loss @ step 0"], rows))
     kind = next(iter(results["cases"][0]["paths"].values()))["memory_kind"]
-    lines += ["", "state: the path's weights, EMA and optimizer state (exact tensor bytes). peak mem: "
-              f"{kind} during the step, and in brackets what the step added on top of what was "
-              "resident before it"
-              + ("; interleaved, the process holds every path's state at once." if any(
-                  c["order"] == "interleaved" for c in results["cases"]) else ".")]
+    together = any(c["order"] == "interleaved" for c in results["cases"])
+    lines += ["", "state: the path's weights, EMA and optimizer state (exact tensor bytes). "
+              f"peak mem: {kind} during the step, and in brackets what the step added on top of "
+              "what was resident before it"
+              + ("; interleaved, the process holds every path's state at once." if together
+                 else ".")]
     lines += ["", "Paths:"] + [f"- **{k}**: {v}" for k, v in PATH_CHOICES.items()
                               if any(k in c["paths"] for c in results["cases"])]
     for c in results["cases"]:
@@ -343,10 +326,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--amp", default="auto", choices=["auto", *AMP_DTYPES],
                    help="autocast dtype of the step (auto: bf16 on CUDA, none on CPU)")
     p.add_argument("--compile", action="store_true",
-                   help="also time ours with the student forward under torch.compile")
+                   help="also time ours+compile (student forward compiled, as `sra train "
+                        "--compile`) and ours+compile-all (the teacher's forward too)")
     p.add_argument("--paths", nargs="+", default=None, choices=list(PATH_CHOICES),
-                   help="paths to time (release is always added; default: ours, "
-                        "ours+fused-adamw on CPU, ours+compile with --compile, release)")
+                   help="paths to time (release is always added; default: ours, the compile "
+                        "paths with --compile, release)")
     p.add_argument("--order", default="auto", choices=["auto", "interleaved", "sequential"],
                    help="interleave the paths step by step (all resident at once) or run them one "
                         "after another (auto: sequential on CUDA, where several XL copies with "
@@ -374,15 +358,17 @@ def main(argv=None) -> dict:
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
     amp = AMP_DTYPES[("bf16" if cuda else "none") if args.amp == "auto" else args.amp]
-    peak = args.peak_tflops if args.peak_tflops is not None else (H100_BF16_DENSE_TFLOPS if cuda else None)
+    peak = args.peak_tflops
+    if peak is None:
+        peak = H100_BF16_DENSE_TFLOPS if cuda else None
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True  # as the training loop does
         torch.backends.cudnn.allow_tf32 = True
     names = args.case or (["sit-xl2"] if cuda else ["sit-b4", "digits"])
-    kinds = default_paths(device, args.compile) if args.paths is None else \
+    kinds = default_paths(args.compile) if args.paths is None else \
         [k for k in PATH_CHOICES if k in args.paths or k == "release"]
     results = {"machine": machine_info(device), "warmup": args.warmup, "repeats": args.repeats,
-               "command": " ".join(["bench_train.py", *(argv if argv is not None else sys.argv[1:])]),
+               "command": command_line("bench_train.py", argv),
                "cases": []}
     for name in names:
         case = make_case(name)
@@ -396,7 +382,8 @@ def main(argv=None) -> dict:
             for k, p in rec["paths"].items():
                 extra = (f", {p['speedup_vs_release']:.2f}× vs release, |Δloss@0| "
                          f"{p['loss_step0_absdiff']:.2e}") if "speedup_vs_release" in p else ""
-                print(f"  {k:13s} {p['median_s'] * 1000:8.1f} ms/step (±{p['spread_pct'] / 2:.0f}%)"
+                print(f"  {k:13s} {p['median_s'] * 1000:8.1f} ms/step "
+                      f"(±{p['spread_pct'] / 2:.0f}%)"
                       f"  {p['images_per_s']:8.1f} img/s  loss@0 {p['loss_step0']:.6f}{extra}",
                       file=sys.stderr, flush=True)
             worst = max(p.get("loss_step0_absdiff", 0.0) for p in rec["paths"].values())

@@ -85,7 +85,8 @@ def _cpu_model() -> str:
 def describe_machine(info: dict) -> str:
     """One line for reports."""
     dev = info.get("gpu") or f"CPU {info['cpu']} ({info['cpu_count']} cores visible)"
-    line = f"{dev}; torch {info['torch']}, torch threads: {info['torch_threads']}, python {info['python']}"
+    line = (f"{dev}; torch {info['torch']}, torch threads: {info['torch_threads']}, "
+            f"python {info['python']}")
     if info.get("load_avg_1m") is not None:
         line += f"; 1-min load average at start {info['load_avg_1m']:.2f}"
     return line
@@ -112,7 +113,8 @@ class PeakMemory:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.kind = "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS (VmHWM)"
+        self.kind = ("cuda max_memory_allocated" if device.type == "cuda"
+                     else "process peak RSS (VmHWM)")
         self.before = 0
         self.peak = 0
 
@@ -224,8 +226,8 @@ def time_interleaved(
 def block_macs(cfg: ModelConfig) -> int:
     """Multiply-accumulates of one adaLN-Zero block for one image.
 
-    Per token: qkv 3D², attention projection D², MLP 2·(mlp_ratio·D²) (8D² at ratio 4), plus the
-    attention itself, 2·T·D (q·kᵀ and attn·v over T keys); per image: adaLN Linear(D, 6D).
+    Per token: qkv 3D², attention projection D², MLP 2·(mlp_ratio·D²) (8D² at ratio 4), plus
+    the attention itself, 2·T·D (q·kᵀ and attn·v over T keys); per image: adaLN Linear(D, 6D).
     Element-wise work (norms, softmax, GELU, modulation) is not counted, as is usual.
     """
     D, T = cfg.hidden_size, cfg.num_tokens
@@ -324,6 +326,23 @@ def write_section(path: str | os.PathLike, name: str, markdown: str) -> None:
         text = (text.rstrip("\n") + "\n\n" if text else "") + block
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(text)
+
+
+OUTPUT_FLAGS = ("--out", "--section", "--json")  # where results go, not what is measured
+
+
+def command_line(script: str, argv: Sequence[str] | None) -> str:
+    """The benchmark's command line for reports, without the output-only flags."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    kept, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in OUTPUT_FLAGS:
+            skip = True
+        elif not a.startswith(tuple(f + "=" for f in OUTPUT_FLAGS)):
+            kept.append(a)
+    return " ".join([script, *kept])
 
 
 def dump_json(obj: dict, path: str | os.PathLike | None) -> None:

@@ -26,7 +26,8 @@ def test_benchmarks_run_and_both_paths_agree(tmp_path):
     xl = model_config("SiT-XL/2", input_size=32, use_head=False)
     assert abs(common.forward_macs(xl) / 1e9 - common.SIT_XL2_256_GMAC) < 0.05
     step = common.train_step_flops(model_config("SiT-XL/2", input_size=32), 20)
-    assert step["teacher_fwd"] < step["student_fwd"] and step["step"] == 3 * step["student_fwd"] + step["teacher_fwd"]
+    assert step["teacher_fwd"] < step["student_fwd"]
+    assert step["step"] == 3 * step["student_fwd"] + step["teacher_fwd"]
 
     md = tmp_path / "bench.md"
     threads = torch.get_num_threads()  # one thread: tiny ops on a busy machine stay fast
@@ -40,9 +41,10 @@ def _run_and_check(bench_train, bench_sample, md):
     res = bench_train.main(["--case", "tiny", "--device", "cpu", "--threads", "1", "--warmup", "1",
                             "--repeats", "1", "--out", str(md)])
     (case,) = res["cases"]
-    assert set(case["paths"]) == {"ours", "ours+fused-adamw", "release"}
+    assert set(case["paths"]) == {"ours", "release"}
     for name, p in case["paths"].items():
-        assert p["n"] == 1 and p["median_s"] > 0 and p["images_per_s"] > 0 and p["peak_mem_bytes"] > 0
+        assert p["n"] == 1 and p["median_s"] > 0 and p["images_per_s"] > 0
+        assert p["peak_mem_bytes"] > 0 and p["state_bytes"] > 0
         assert len(p["losses"]) == 2  # warm-up + measured, same seeds on every path
         if name != "release":
             assert p["speedup_vs_release"] > 0
