@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from common import (  # noqa: E402
-    command_line, describe_machine, dump_json, fmt_bytes, forward_macs, machine_info,
+    add_common_args, command_line, describe_machine, dump_json, fmt_bytes, forward_macs, machine_info,
     markdown_table,
     release_memory, resolve_device, time_interleaved, unzero_init, write_section,
 )
@@ -211,12 +211,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="warm-up runs per path (not timed)")
     p.add_argument("--repeats", type=int, default=3, help="measured runs per path")
     p.add_argument("--seed", type=int, default=0, help="weights, noise, labels and sampler seed")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--json", default=None, help="write the results as JSON here ('-' = stdout)")
-    p.add_argument("--out", default=None,
-                   help="markdown file to update with the results table (e.g. docs/benchmarks.md)")
-    p.add_argument("--section", default="bench_sample",
-                   help="name of the marked section of --out to replace (one per configuration)")
+    add_common_args(p, section="bench_sample")
     return p.parse_args(argv)
 
 

@@ -43,7 +43,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from common import (  # noqa: E402
-    H100_BF16_DENSE_TFLOPS, command_line, describe_machine, dump_json, fmt_bytes, machine_info,
+    H100_BF16_DENSE_TFLOPS, add_common_args, command_line, describe_machine, dump_json, fmt_bytes, machine_info,
     markdown_table,
     mfu, release_memory, resolve_device, tensor_bytes, time_interleaved, train_step_flops,
     unzero_init, write_section,
@@ -159,7 +159,6 @@ def build_path(kind: str, base: nn.Module, case: TrainCase, device: torch.device
     model = copy.deepcopy(base).to(device).train()
     model.set_fused_attention(not release)
     ema = make_ema(model)  # equal to the model, attention setting included
-    cuda = device.type == "cuda"
     if release:
         opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS,
                                 weight_decay=WEIGHT_DECAY, foreach=False, fused=False)
@@ -338,15 +337,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="warm-up steps per path (not timed)")
     p.add_argument("--repeats", type=int, default=10, help="measured steps per path")
     p.add_argument("--seed", type=int, default=0, help="weights, batch and per-step RNG seed")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help=f"the device's peak TFLOP/s for MFU (default: {H100_BF16_DENSE_TFLOPS:g} "
                         "= H100 bf16 dense on CUDA, none on CPU)")
-    p.add_argument("--json", default=None, help="write the results as JSON here ('-' = stdout)")
-    p.add_argument("--out", default=None,
-                   help="markdown file to update with the results table (e.g. docs/benchmarks.md)")
-    p.add_argument("--section", default="bench_train",
-                   help="name of the marked section of --out to replace (one per configuration)")
+    add_common_args(p, section="bench_train")
     return p.parse_args(argv)
 
 

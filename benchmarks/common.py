@@ -354,3 +354,13 @@ def dump_json(obj: dict, path: str | os.PathLike | None) -> None:
         print(text)
     else:
         Path(path).write_text(text + "\n")
+
+
+def add_common_args(p, section: str) -> None:
+    """Flags both benchmark scripts share: threads and where results are written."""
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--json", default=None, help="write the results as JSON here ('-' = stdout)")
+    p.add_argument("--out", default=None,
+                   help="markdown file to update with the results table (e.g. docs/benchmarks.md)")
+    p.add_argument("--section", default=section,
+                   help="name of the marked section of --out to replace (one per configuration)")

@@ -427,7 +427,7 @@ def markdown_report(summaries: list[dict], study: StudyConfig, notes: str) -> st
         "`docs/convergence_results.json`); the notes section is written by hand.", "",
         NOTES_BEGIN, notes.strip("\n"), NOTES_END, "",
         "## Setup", "",
-        f"- Data: the bundled 8×8 → 16×16 digits (1797 images, 10 classes), pixel space.",
+        "- Data: the bundled 8×8 → 16×16 digits (1797 images, 10 classes), pixel space.",
         f"- Base model and recipe: preset `{BASE_PRESET}` — SiT depth {p.model.depth}, width "
         f"{p.model.hidden_size}, {p.model.num_heads} heads, patch {p.model.patch_size}; AdamW lr "
         f"{p.optim.learning_rate:g} ({p.optim.warmup_steps} warm-up steps), batch "

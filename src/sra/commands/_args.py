@@ -30,23 +30,24 @@ def _split(text: str) -> list[str]:
     return [part.strip() for part in str(text).split(",") if part.strip()]
 
 
+def _number_list(text: str, kind: type, example: str) -> tuple:
+    what = "integers" if kind is int else "numbers"
+    try:
+        values = tuple(kind(part) for part in _split(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated {what} (e.g. {example}), got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(
+            f"expected at least one {what[:-1] if kind is int else 'number'} (e.g. {example})")
+    return values
+
+
 def int_list(text: str) -> tuple[int, ...]:
     """``"1,4,8"`` → (1, 4, 8)."""
-    try:
-        values = tuple(int(part) for part in _split(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers (e.g. 1,4,8), got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer (e.g. 1,4,8)")
-    return values
+    return _number_list(text, int, "1,4,8")
 
 
 def float_list(text: str) -> tuple[float, ...]:
     """``"0.7,0.5"`` → (0.7, 0.5)."""
-    try:
-        values = tuple(float(part) for part in _split(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers (e.g. 0.7,0.5), got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one number (e.g. 0.7,0.5)")
-    return values
+    return _number_list(text, float, "0.7,0.5")
