@@ -63,6 +63,18 @@ def test_every_size_runs_including_small(name):
     assert out.shape == (2, cfg.out_channels, 16, 16)
 
 
+def test_head_does_not_change_the_backbone_init():
+    # Vanilla and SRA runs of one seed must start from the same backbone (paired comparisons).
+    torch.manual_seed(3)
+    plain = build_model(tiny(use_head=False)).state_dict()
+    torch.manual_seed(3)
+    headed = build_model(tiny(use_head=True)).state_dict()
+    assert set(headed) - set(plain) == {f"ap_head.linear{i}.{w}" for i in (1, 2)
+                                        for w in ("weight", "bias")}
+    assert all(torch.equal(plain[k], headed[k]) for k in plain)
+    assert headed["ap_head.linear1.weight"].abs().sum() > 0  # the head itself is initialised
+
+
 def test_any_channels_and_size_and_dit_learn_sigma():
     model = build_model(tiny(family="DiT", in_channels=1, input_size=12, patch_size=4))
     out = model(torch.randn(3, 1, 12, 12), torch.randint(0, 1000, (3,)), torch.zeros(3, dtype=torch.long))

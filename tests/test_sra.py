@@ -167,3 +167,15 @@ def test_bad_config_messages():
     obj = SRAObjective(FlowMatching(), AlignConfig(student_block=2, teacher_block=9), 0.1, 3)
     with pytest.raises(SraError, match=r"outside 1\.\.4"):
         obj.check_model(4)
+
+
+def test_centered_loss_logs_the_angle_it_pulls_on():
+    torch.manual_seed(2)
+    model = tiny()
+    teacher = copy.deepcopy(model).requires_grad_(False).eval()
+    obj = SRAObjective(make_process("SiT"), AlignConfig(student_block=1, teacher_block=3,
+                                                        loss_type="cos-centered"),
+                       label_dropout=0.0, num_classes=3)
+    out = obj(model, teacher, torch.randn(4, 2, 8, 8), torch.randint(0, 3, (4,)))
+    assert set(out.stats) == {"student_norm", "teacher_norm", "cosine", "cosine_centered"}
+    assert torch.allclose(out.align, 1 - out.stats["cosine_centered"], atol=1e-6)

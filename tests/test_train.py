@@ -185,3 +185,19 @@ def test_gradient_accumulation_splits_the_global_batch(tmp_path):
     meta = ckpt.read_meta(run / "checkpoints" / "step-0000002")
     assert meta["data"] == {"epoch": 0, "batch": 4}  # 2 steps × 2 micro-batches consumed
     assert json.loads((run / "config.json").read_text())["micro_batch_per_process"] == 16
+
+
+def test_compile_trains_student_and_teacher_like_eager(tmp_path):
+    # --compile wraps the student and the EMA teacher; the losses must follow the eager run.
+    runs = []
+    for name, compile_ in (("eager", False), ("compiled", True)):
+        # Built one after the other: constructing a Trainer seeds the global RNG.
+        trainer = Trainer(tiny_cfg(tmp_path, **{"loop.max_train_steps": 4, "exp_name": name,
+                                                "loop.compile": compile_}))
+        assert (trainer.teacher_model is trainer.ema) != compile_
+        runs.append(trainer.fit())
+    rows = [[json.loads(l) for l in (r / "metrics.jsonl").read_text().splitlines()] for r in runs]
+    for a, b in zip(*rows):
+        assert a["step"] == b["step"]
+        for key in ("denoise", "align", "cosine"):
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), key

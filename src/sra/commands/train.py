@@ -59,7 +59,7 @@ FLAGS: list[tuple[list[str], str, object, str]] = [
     (["--grid-samples"], "loop.grid_samples", int, "images in each sample grid"),
     (["--max-consecutive-skips"], "loop.max_consecutive_skips", int,
      "stop after this many non-finite steps in a row"),
-    (["--compile"], "loop.compile", str2bool, "torch.compile the model"),
+    (["--compile"], "loop.compile", str2bool, "torch.compile the student and teacher forwards"),
     (["--report-to"], "loop.report_to", str, "tracker: tensorboard | wandb | none"),
     (["--eval-samples"], "loop.eval_samples", int, "digits: samples for the end-of-run metric"),
     (["--learning-rate", "--lr"], "optim.learning_rate", float, "AdamW learning rate"),

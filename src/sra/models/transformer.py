@@ -209,16 +209,19 @@ class DiffusionTransformer(nn.Module):
             Block(D, config.num_heads, config.mlp_ratio, config.qk_norm) for _ in range(config.depth)
         )
         self.final_layer = FinalLayer(D, config.patch_size, config.out_channels)
-        self.ap_head = ProjectorHead(D, config.head_dim) if config.use_head else None
+        self.ap_head: ProjectorHead | None = None
         self.initialize_weights()
+        if config.use_head:
+            # Built after the backbone is initialised so it draws its random numbers last: the
+            # same seed gives a model with and without the head the same backbone weights, which
+            # pairs vanilla and SRA runs (their difference is then the loss, not the init).
+            self.ap_head = ProjectorHead(D, config.head_dim)
+            self._init_linears(self.ap_head)
 
     # -- initialisation ------------------------------------------------------------------------
     def initialize_weights(self) -> None:
         """Xavier for linears, zero biases; N(0, 0.02) embeddings; zero adaLN and output (adaLN-Zero)."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+        self._init_linears(self)
         w = self.x_embedder.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # treat the conv as a Linear
         nn.init.zeros_(self.x_embedder.proj.bias)
@@ -231,6 +234,13 @@ class DiffusionTransformer(nn.Module):
         for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+
+    @staticmethod
+    def _init_linears(module: nn.Module) -> None:
+        for m in module.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
 
     # -- helpers -------------------------------------------------------------------------------
     def set_fused_attention(self, fused: bool) -> None:

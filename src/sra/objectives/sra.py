@@ -81,6 +81,13 @@ def align_weight(cfg: AlignConfig, step: int) -> float:
     return cfg.weight * 0.1 ** ((step - cfg.decay_start) / cfg.decay_steps)
 
 
+def centered_cosine(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Per-token cosine (N, T) after removing each image's mean token from both sides."""
+    s = student - student.mean(dim=1, keepdim=True)
+    t = teacher - teacher.mean(dim=1, keepdim=True)
+    return F.cosine_similarity(s, t, dim=-1)
+
+
 def align_loss(student: torch.Tensor, teacher: torch.Tensor, cfg: AlignConfig) -> torch.Tensor:
     """Scalar distance between student (N, T, D) and teacher (N, T, D) tokens, in fp32."""
     if student.shape != teacher.shape:
@@ -93,9 +100,7 @@ def align_loss(student: torch.Tensor, teacher: torch.Tensor, cfg: AlignConfig) -
     if kind == "cos-release":
         return (1 - F.cosine_similarity(s, t, dim=1)).mean()
     if kind == "cos-centered":
-        s = s - s.mean(dim=1, keepdim=True)
-        t = t - t.mean(dim=1, keepdim=True)
-        return (1 - F.cosine_similarity(s, t, dim=-1)).mean()
+        return (1 - centered_cosine(s, t)).mean()
     if kind == "sml1":
         return F.smooth_l1_loss(s, t, beta=cfg.smooth_l1_beta)
     if kind == "l2":
@@ -184,4 +189,6 @@ class SRAObjective:
                 "teacher_norm": t32.norm(dim=-1).mean(),
                 "cosine": F.cosine_similarity(s32, t32, dim=-1).mean(),
             }
+            if cfg.loss_type == "cos-centered":  # the angle this loss actually pulls on
+                stats["cosine_centered"] = centered_cosine(s32, t32).mean()
         return LossOutput(total, denoise.detach(), align.detach(), weight, stats)

