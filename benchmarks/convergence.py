@@ -372,12 +372,22 @@ def summarize_regime(regime: Regime, results: dict[str, dict]) -> dict:
     for role in ("vanilla", "sra"):
         runs = arms[role]["runs"]
         late[role] = {k: _mean_std([_mean_over(r, k, window) for r in runs]) for k in ("fd", "acc")}
-    # Δ = SRA − vanilla of the means, ± its standard error (Welch). Not paired: the same seed
-    # gives the same data order but NOT the same initial backbone (the SRA head draws from the
-    # RNG while the model is built) nor the same noise.
+    # Δ = SRA − vanilla of the means, ± its standard error (Welch), for every regime.
     for key in ("fd", "acc"):
         late[f"{key}_diff"] = _diff([_mean_over(r, key, window) for r in arms["sra"]["runs"]],
                                     [_mean_over(r, key, window) for r in arms["vanilla"]["runs"]])
+    # Paired Δ where one seed gave both arms the same initial backbone and data order (runs made
+    # after the head was moved behind the backbone's init): mean of the per-seed differences ±
+    # its standard error. The noise streams still differ (the teacher's time draws random numbers).
+    van = {r["seed"]: r for r in arms["vanilla"]["runs"]}
+    pairs = [(r, van[r["seed"]]) for r in arms["sra"]["runs"]
+             if r.get("paired_init") and r["seed"] in van]
+    if pairs and len(pairs) == len(arms["sra"]["runs"]):
+        for key in ("fd", "acc"):
+            d = [_mean_over(a, key, window) - _mean_over(b, key, window) for a, b in pairs]
+            m, sd = _mean_std(d)
+            late[f"{key}_paired"] = (m, sd / math.sqrt(len(d)) if len(d) > 1 else math.nan)
+            late["pairs"] = len(d)
     per_step = {st: _diff([_mean_over(r, "fd", [st]) for r in arms["sra"]["runs"]],
                           [_mean_over(r, "fd", [st]) for r in arms["vanilla"]["runs"]])
                 for st in common}
@@ -431,6 +441,10 @@ def write_plot(summaries: list[dict], path: Path) -> Path | None:
     return path
 
 
+def _eval_every(summaries: list[dict]) -> str:
+    return "/".join(str(e) for e in sorted({s["regime"].eval_every for s in summaries})) or "N"
+
+
 def markdown_report(summaries: list[dict], study: StudyConfig, notes: str) -> str:
     """The write-up: setup, per-regime tables, alignment statistics, kept notes."""
     from sra.config import preset
@@ -451,10 +465,14 @@ def markdown_report(summaries: list[dict], study: StudyConfig, notes: str) -> st
         f"t={p.align.teacher_block}, `{p.align.loss_type}`, λ {p.align.weight}, t_max "
         f"{p.align.t_max}, EMA teacher. Regimes change only what their line says.",
         f"- Seeds: {', '.join(map(str, study.seeds))} per arm (seed = initial weights, data order, "
-        "noise). The same seed gives both arms the same data order but not the same initial "
-        "backbone (building the SRA head consumes random numbers), so arms are compared "
-        "unpaired.",
-        f"- Metric: the EMA every {study.eval_every or 'N'} steps draws {study.samples} "
+        "noise). Paired regimes (" + (", ".join(f"`{x['regime'].name}`" for x in summaries
+                                     if "pairs" in x["late"]) or "none yet") + ") were made after the SRA head "
+        "was moved behind the backbone's initialisation: one seed gives both arms the same "
+        "initial backbone and data order (not the same noise: the teacher's time draws random "
+        "numbers), and the summary adds the paired Δ (mean ± SE of the per-seed differences). "
+        "Earlier SRA runs started from a different backbone than their vanilla seed, so those "
+        "regimes are compared unpaired.",
+        f"- Metric: the EMA every {study.eval_every or _eval_every(summaries)} steps draws {study.samples} "
         f"class-balanced samples from FIXED noise and labels (same for every run and step) with "
         f"`{study.sampler_mode}` {study.sampler_steps} steps, cfg scale {study.cfg_scale:g} "
         f"({'unguided' if study.cfg_scale == 1 else 'guided'}); the digit classifier gives FD "
@@ -465,9 +483,9 @@ def markdown_report(summaries: list[dict], study: StudyConfig, notes: str) -> st
         "(Welch, √(s²ᵥ/nᵥ + s²ₛ/nₛ)); |Δ| below ~2 SE is not a finding.", "",
         "![FD vs step](convergence.png)", "",
         "## Summary", "",
-        "| regime | late steps | vanilla FD | SRA FD | Δ FD ± SE | vanilla acc | SRA acc "
-        "| Δ acc ± SE | seeds (v/s) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| regime | late steps | vanilla FD | SRA FD | Δ FD ± SE | paired Δ FD ± SE | "
+        "vanilla acc | SRA acc | Δ acc ± SE | seeds (v/s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         late = s["late"]
@@ -476,6 +494,7 @@ def markdown_report(summaries: list[dict], study: StudyConfig, notes: str) -> st
         lines.append(
             f"| {s['regime'].name} | {span} | {_fmt(late['vanilla']['fd'])} | "
             f"{_fmt(late['sra']['fd'])} | {_fmt(late['fd_diff'])} | "
+            f"{_fmt(late.get('fd_paired', (math.nan, math.nan)))} | "
             f"{_fmt(late['vanilla']['acc'], 3)} | {_fmt(late['sra']['acc'], 3)} | "
             f"{_fmt(late['acc_diff'], 3)} | {len(s['arms']['vanilla']['runs'])}/"
             f"{len(s['arms']['sra']['runs'])} |")
