@@ -15,9 +15,8 @@ teacher precision          the student's autocast                      fp32, out
 attention                  SDPA                                        explicit softmax(qkᵀ)v
 AdamW                      fused (CUDA and CPU), as the loop           ``foreach=False`` loop
 EMA                        ``_foreach_lerp_`` (:func:`update_ema`)     python loop, mul_/add_
-compile (``--compile``)    "ours+compile": the student forward, as     never
-                           ``sra train --compile``; "ours+compile-all":
-                           the teacher's forward too
+compile (``--compile``)    "ours+compile": student and teacher         never
+                           forwards, as ``sra train --compile``
 =========================  ==========================================  =========================
 
 Every call of a path seeds the global RNG with the same value, so step i of every path draws
@@ -64,10 +63,8 @@ PATH_CHOICES = {
     "ours": ("teacher stops after block t (no final layer), teacher under the same autocast, "
              "SDPA attention, AdamW fused (CUDA and CPU, as the training loop), "
              "EMA one foreach lerp"),
-    "ours+compile": ("as ours, with the student forward through torch.compile "
-                     "(as `sra train --compile`)"),
-    "ours+compile-all": ("as ours+compile, and the teacher's (EMA) forward compiled too "
-                         "(a proposal: the loop compiles the student only)"),
+    "ours+compile": ("as ours, with the student and the teacher (EMA) forwards through "
+                     "torch.compile (as `sra train --compile`)"),
     "release": ("teacher runs every block and the final layer, teacher outside autocast in fp32, "
                 "explicit softmax attention, AdamW foreach=False (per-parameter loop), "
                 "EMA python loop (mul_ then add_ per parameter)"),
@@ -169,9 +166,9 @@ def build_path(kind: str, base: nn.Module, case: TrainCase, device: torch.device
                                 weight_decay=WEIGHT_DECAY, fused=True)
         teacher = ema
         ema_fn = update_ema
-    forward_model = torch.compile(model) if "+compile" in kind else model
-    if kind == "ours+compile-all":
-        teacher = torch.compile(ema)  # update_ema keeps working on ``ema`` itself
+    forward_model = model
+    if kind == "ours+compile":  # as the loop; update_ema keeps working on ``ema`` itself
+        forward_model, teacher = torch.compile(model), torch.compile(ema)
     objective = SRAObjective(make_process(case.model.family, FlowConfig()), case.align,
                              LABEL_DROPOUT, case.model.num_classes, teacher_full_forward=release)
     objective.check_model(case.model.depth)
@@ -199,8 +196,8 @@ def build_path(kind: str, base: nn.Module, case: TrainCase, device: torch.device
 
 
 def default_paths(compile_: bool) -> list[str]:
-    """ours, the two compile variants when asked, release."""
-    return ["ours"] + (["ours+compile", "ours+compile-all"] if compile_ else []) + ["release"]
+    """ours, ours+compile when asked, release."""
+    return ["ours"] + (["ours+compile"] if compile_ else []) + ["release"]
 
 
 def run_case(case: TrainCase, device: torch.device, amp: torch.dtype | None, kinds: list[str],
@@ -325,8 +322,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--amp", default="auto", choices=["auto", *AMP_DTYPES],
                    help="autocast dtype of the step (auto: bf16 on CUDA, none on CPU)")
     p.add_argument("--compile", action="store_true",
-                   help="also time ours+compile (student forward compiled, as `sra train "
-                        "--compile`) and ours+compile-all (the teacher's forward too)")
+                   help="also time ours+compile (student and teacher forwards compiled, as "
+                        "`sra train --compile`)")
     p.add_argument("--paths", nargs="+", default=None, choices=list(PATH_CHOICES),
                    help="paths to time (release is always added; default: ours, the compile "
                         "paths with --compile, release)")
