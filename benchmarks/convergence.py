@@ -64,7 +64,10 @@ ARMS: dict[str, tuple[tuple[str, Any], ...]] = {
     "sra-p2": (("model.patch_size", 2),),
     "sra-p2-centered": (("model.patch_size", 2), ("align.loss_type", "cos-centered")),
     # The paper's SiT-B/2 recipe (12 blocks, s=3 → t=8, λ 0.2) on the digits data.
-    "vanilla-d12": (("align.enabled", False), ("model.depth", 12)),
+    # Vanilla arms name their SRA arm's blocks too (unused in training) so the token
+    # diagnostics compare the same pair of blocks in both arms.
+    "vanilla-d12": (("align.enabled", False), ("model.depth", 12), ("align.student_block", 3),
+                    ("align.teacher_block", 8)),
     "sra-d12": (("model.depth", 12), ("align.student_block", 3), ("align.teacher_block", 8),
                 ("align.weight", 0.2)),
     # A short EMA horizon (≈33 steps, ~2 % of the run, like the paper's 10k of 400k steps) for the
@@ -137,13 +140,21 @@ class RunSpec:
 
 
 # -- one run (executed in a worker process) -------------------------------------------------------
-def build_config(spec: RunSpec, study: StudyConfig):
-    """The run's :class:`~sra.config.TrainConfig`: preset + arm overrides + evaluation plumbing."""
+def arm_config(arm: str, extra: Sequence[tuple[str, Any]] = ()):
+    """The preset with the arm's (and ``extra``) overrides applied."""
     from sra.config import override, preset
 
     cfg = preset(BASE_PRESET)
-    for path, value in ARMS[spec.arm] + tuple(study.extra):
+    for path, value in ARMS[arm] + tuple(extra):
         cfg = override(cfg, path, value)
+    return cfg
+
+
+def build_config(spec: RunSpec, study: StudyConfig):
+    """The run's :class:`~sra.config.TrainConfig`: preset + arm overrides + evaluation plumbing."""
+    from sra.config import override
+
+    cfg = arm_config(spec.arm, study.extra)
     loop = {
         "max_train_steps": spec.steps, "checkpoint_steps": spec.eval_every,
         "keep_last": 10**6, "milestone_steps": spec.eval_every, "report_to": "none",
@@ -252,6 +263,7 @@ def token_diagnostics(ckpt_dir: Path, student_block: int, teacher_block: int,
         "cos": float(F.cosine_similarity(s, tt, dim=-1).mean()),
         "cos_centered": float(F.cosine_similarity(sc, tc, dim=-1).mean()),
         "student_shared": shared_share(s), "teacher_shared": shared_share(tt),
+        "blocks": [student_block, teacher_block],
         "projected": bool(student.config.use_head), "step": int(json.loads(
             (Path(ckpt_dir) / "meta.json").read_text())["step"]),
     }
@@ -264,9 +276,8 @@ def add_diagnostics(result: dict, study: StudyConfig) -> dict:
     run_dir = study.work_dir / "runs" / f"{result['arm']}-s{result['seed']}"
     last = ckpt.latest_checkpoint(run_dir)
     if last is not None:
-        a = result["config"]["align"]
-        result["diagnostics"] = token_diagnostics(last, a["student_block"], a["teacher_block"],
-                                                  a["t_max"])
+        a = arm_config(result["arm"]).align  # the arm's current definition names the blocks
+        result["diagnostics"] = token_diagnostics(last, a.student_block, a.teacher_block, a.t_max)
     return result
 
 
@@ -530,7 +541,8 @@ def markdown_report(summaries: list[dict], study: StudyConfig, notes: str) -> st
             seen.add(arm["arm"])
             cols = [_fmt(_mean_std([x[k] for x in d]), 3) for k in
                     ("cos", "cos_centered", "student_shared", "teacher_shared")]
-            diag_rows.append(f"| `{arm['arm']}` | {d[0]['step']} | {len(d)} | "
+            blocks = "→".join(map(str, d[0].get("blocks", ("?", "?"))))
+            diag_rows.append(f"| `{arm['arm']}` | {blocks} | {d[0]['step']} | {len(d)} | "
                              f"{'head' if d[0]['projected'] else 'raw'} | " + " | ".join(cols) + " |")
     if diag_rows:
         lines += ["## Token diagnostics at the last checkpoint", "",
@@ -538,8 +550,9 @@ def markdown_report(summaries: list[dict], study: StudyConfig, notes: str) -> st
                   "tokens after block s (through the head where the run has one; raw for vanilla), "
                   "EMA teacher tokens after block t. \"shared\" = |per-image mean token|² / mean "
                   "|token|²: the part of a token common to all tokens of the image.", "",
-                  "| arm | step | runs | student | cos | centered cos | student shared | "
-                  "teacher shared |", "|---|---|---|---|---|---|---|---|", *diag_rows, ""]
+                  "| arm | blocks s→t | step | runs | student | cos | centered cos | "
+                  "student shared | teacher shared |", "|---|---|---|---|---|---|---|---|---|",
+                  *diag_rows, ""]
     return "\n".join(lines)
 
 
