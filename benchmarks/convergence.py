@@ -567,8 +567,8 @@ def _jsonable(summaries: list[dict], results: dict[str, dict], study: StudyConfi
     }
 
 
-def write_outputs(study: StudyConfig, regimes: Sequence[Regime]) -> dict[str, Path]:
-    """Collect every finished run of ``regimes`` and write the table, plot and raw JSON."""
+def write_outputs(study: StudyConfig) -> dict[str, Path]:
+    """Collect every finished run (all regimes) and write the table, plot and raw JSON."""
     results = {}
     res_dir = study.work_dir / "results"
     for f in sorted(res_dir.glob("*.json")) if res_dir.is_dir() else []:
@@ -628,7 +628,7 @@ def run_study(study: StudyConfig, regime_names: Sequence[str]) -> dict[str, Path
         for spec in todo:
             r = run_one(spec, study)
             print(f"done {spec.key}: train {r['train_s']:.0f}s eval {r['eval_s']:.0f}s", flush=True)
-            write_outputs(study, regimes)
+            write_outputs(study)
     else:
         import multiprocessing as mp
 
@@ -638,8 +638,8 @@ def run_study(study: StudyConfig, regime_names: Sequence[str]) -> dict[str, Path
                 r = fut.result()
                 print(f"done {futs[fut].key}: train {r['train_s']:.0f}s eval {r['eval_s']:.0f}s "
                       f"last FD {r['eval'][-1]['fd']:.2f}", flush=True)
-                write_outputs(study, regimes)
-    return write_outputs(study, regimes)
+                write_outputs(study)
+    return write_outputs(study)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
@@ -682,7 +682,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     )
     names = [r.strip() for r in args.regimes.split(",") if r.strip()]
     if args.report_only:
-        return write_outputs(study, [REGIMES[n] for n in names])
+        return write_outputs(study)
     return run_study(study, names)
 
 

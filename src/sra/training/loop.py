@@ -146,8 +146,8 @@ class Trainer:
             self._load_state(model, opt, self.resume_from)
         self.model, self.optimizer = acc.prepare(model, opt)
         self.forward_model = torch.compile(self.model) if loop.compile else self.model
-        # The teacher's forward (blocks 1..t, no grad) is compiled too: +3–10 % per step on the
-        # CPU benchmarks. The EMA weights are updated in place, which compiled code sees.
+        # The teacher's forward (blocks 1..t, no grad) is compiled too: +1–3 % per step on the
+        # CPU benchmarks (SiT-B/4, digits). The EMA weights are updated in place, which compiled code sees.
         use_teacher = loop.compile and cfg.align.active
         self.teacher_model = torch.compile(self.ema) if use_teacher else self.ema
         self.sampler = ShardedBatchSampler(len(self.dataset), self.micro_batch, acc.process_index,
