@@ -37,9 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from common import (  # noqa: E402
-    add_common_args, command_line, describe_machine, dump_json, fmt_bytes, forward_macs, machine_info,
-    markdown_table,
-    release_memory, resolve_device, time_interleaved, unzero_init, write_section,
+    add_common_args, command_line, describe_machine, fmt_bytes, forward_macs, machine_info,
+    markdown_table, publish, release_memory, resolve_device, time_interleaved, unzero_init,
 )
 from sra.models import ModelConfig, build_model, model_config  # noqa: E402
 from sra.sampling import SamplerConfig, generate  # noqa: E402
@@ -244,11 +243,7 @@ def main(argv=None) -> dict:
                 print(f"  WARNING: {k} differs from the release path by more than "
                       f"{REL_TOL_FP32} of the output std", file=sys.stderr)
         results["cases"].append(rec)
-    md = to_markdown(results)
-    print(md)
-    if args.out:
-        write_section(args.out, args.section, md)
-    dump_json(results, args.json)
+    publish(results, to_markdown(results), args)
     return results
 
 

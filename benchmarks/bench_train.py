@@ -42,10 +42,9 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from common import (  # noqa: E402
-    H100_BF16_DENSE_TFLOPS, add_common_args, command_line, describe_machine, dump_json, fmt_bytes, machine_info,
-    markdown_table,
-    mfu, release_memory, resolve_device, tensor_bytes, time_interleaved, train_step_flops,
-    unzero_init, write_section,
+    H100_BF16_DENSE_TFLOPS, add_common_args, command_line, describe_machine, fmt_bytes,
+    machine_info, markdown_table, mfu, publish, release_memory, resolve_device, tensor_bytes,
+    time_interleaved, train_step_flops, unzero_init,
 )
 from sra.models import ModelConfig, build_model, model_config  # noqa: E402
 from sra.objectives import AlignConfig, FlowConfig, SRAObjective, make_process  # noqa: E402
@@ -382,11 +381,7 @@ def main(argv=None) -> dict:
                 print(f"  WARNING: step-0 losses differ by more than {LOSS_TOL_FP32}",
                       file=sys.stderr)
             results["cases"].append(rec)
-    md = to_markdown(results)
-    print(md)
-    if args.out:
-        write_section(args.out, args.section, md)
-    dump_json(results, args.json)
+    publish(results, to_markdown(results), args)
     return results
 
 

@@ -356,6 +356,14 @@ def dump_json(obj: dict, path: str | os.PathLike | None) -> None:
         Path(path).write_text(text + "\n")
 
 
+def publish(results: dict, markdown: str, args) -> None:
+    """Print the report, and write it where the common flags say (``--out``/``--section``, ``--json``)."""
+    print(markdown)
+    if args.out:
+        write_section(args.out, args.section, markdown)
+    dump_json(results, args.json)
+
+
 def add_common_args(p, section: str) -> None:
     """Flags both benchmark scripts share: threads and where results are written."""
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
