@@ -36,6 +36,14 @@ def _check_inputs(diffusion: GaussianDiffusion, noise: torch.Tensor, y: torch.Te
         raise SraError(f"diffusion must be a GaussianDiffusion, got {type(diffusion).__name__}")
 
 
+def _model_step(model_fn: ModelFn, diffusion: GaussianDiffusion, x: torch.Tensor, i: int,
+                y: torch.Tensor | None, clip_denoised: bool):
+    """The model's reverse-step prediction at schedule index ``i``: ``(t, p_mean_variance)``."""
+    t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)  # (N,)
+    out = model_fn(x, diffusion.map_timesteps(t), y)
+    return t, diffusion.p_mean_variance(out, x, t, clip_denoised=clip_denoised, check_t=False)
+
+
 def _indices(diffusion: GaussianDiffusion, progress: bool):
     steps = range(diffusion.num_timesteps - 1, -1, -1)
     return tqdm(steps, desc="ddpm", disable=not progress, leave=False)
@@ -59,11 +67,8 @@ def ddpm_sample(
     """
     _check_inputs(diffusion, noise, y)
     x = noise
-    n = x.shape[0]
     for i in _indices(diffusion, progress):
-        t = torch.full((n,), i, device=x.device, dtype=torch.long)
-        out = model_fn(x, diffusion.map_timesteps(t), y)
-        step = diffusion.p_mean_variance(out, x, t, clip_denoised=clip_denoised, check_t=False)
+        t, step = _model_step(model_fn, diffusion, x, i, y, clip_denoised)
         if i > 0:
             x = step.mean + torch.exp(0.5 * step.log_variance) * _randn(step.mean, generator)
         else:
@@ -93,11 +98,8 @@ def ddim_sample(
     if not eta >= 0.0:
         raise SraError(f"ddim eta must be >= 0, got {eta!r}")
     x = noise
-    n = x.shape[0]
     for i in _indices(diffusion, progress):
-        t = torch.full((n,), i, device=x.device, dtype=torch.long)
-        out = model_fn(x, diffusion.map_timesteps(t), y)
-        step = diffusion.p_mean_variance(out, x, t, clip_denoised=clip_denoised, check_t=False)
+        t, step = _model_step(model_fn, diffusion, x, i, y, clip_denoised)
         xw = x.to(step.pred_x0.dtype)
         # ε consistent with the (possibly clipped) x0 estimate
         eps = diffusion.predict_eps_from_x0(xw, t, step.pred_x0)
