@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from sra.diffusion.ddpm import GaussianDiffusion
+from sra.diffusion.ddpm import GaussianDiffusion, PMeanVar
 from sra.errors import SraError
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
@@ -37,7 +37,7 @@ def _check_inputs(diffusion: GaussianDiffusion, noise: torch.Tensor, y: torch.Te
 
 
 def _model_step(model_fn: ModelFn, diffusion: GaussianDiffusion, x: torch.Tensor, i: int,
-                y: torch.Tensor | None, clip_denoised: bool):
+                y: torch.Tensor | None, clip_denoised: bool) -> tuple[torch.Tensor, PMeanVar]:
     """The model's reverse-step prediction at schedule index ``i``: ``(t, p_mean_variance)``."""
     t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)  # (N,)
     out = model_fn(x, diffusion.map_timesteps(t), y)
@@ -68,7 +68,7 @@ def ddpm_sample(
     _check_inputs(diffusion, noise, y)
     x = noise
     for i in _indices(diffusion, progress):
-        t, step = _model_step(model_fn, diffusion, x, i, y, clip_denoised)
+        _, step = _model_step(model_fn, diffusion, x, i, y, clip_denoised)
         if i > 0:
             x = step.mean + torch.exp(0.5 * step.log_variance) * _randn(step.mean, generator)
         else:
