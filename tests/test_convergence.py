@@ -36,9 +36,10 @@ def fake_classifier(monkeypatch):
 
 def test_convergence_study_writes_table_plot_and_resumes(tmp_path, fake_classifier, monkeypatch):
     import sra.training.loop as loop
+    from sra.training.monitor import Monitor
 
     # The end-of-run sample grid / loss-curve PNGs are the loop's business, not the study's.
-    monkeypatch.setattr(loop.Trainer, "_monitor", lambda self, tag: None)
+    monkeypatch.setattr(Monitor, "snapshot", lambda self, ema, step, title: None)
     conv = _load_script()
     docs = tmp_path / "docs"
     argv = ["--regimes", "headline", "--seeds", "0,1", "--steps", "4", "--eval-every", "2",

@@ -1,6 +1,7 @@
 """Training: run directory, exact kill-and-resume, 2-process DDP, NaN handling, bad input."""
 
 import argparse
+import itertools
 import json
 import os
 import signal
@@ -101,20 +102,34 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path):
     assert all(torch.equal(ma[k], mb[k]) for k in ma)
 
 
-def test_two_process_ddp_gloo(tmp_path):
+def test_two_cpu_processes_with_accelerate_launch_then_resume_on_one(tmp_path):
+    """The README's CPU multi-process command really starts 2 processes (gloo DDP), which agree;
+    the run then resumes on 1 process with the same data order."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29531", "-m", "sra.cli", "train", *TINY, "--max-train-steps", "4",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", "29531", "-m", "sra.cli", "train", *TINY, "--max-train-steps", "4",
            "--checkpoint-steps", "2", "--output-dir", str(tmp_path), "--exp-name", "ddp"]
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     run = tmp_path / "ddp"
-    sums = json.loads((run / "replicas.json").read_text())["ema_checksums"]
+    assert res.stdout.count("run directory:") == 1  # printed by the main process only
+    replicas = json.loads((run / "replicas.json").read_text())
+    assert replicas["world_size"] == 2
+    sums = replicas["ema_checksums"]
     assert len(sums) == 2 and sums[0] == sums[1]
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["num_processes"] == 2 and cfg["micro_batch_per_process"] == 16
-    assert ckpt.read_meta(run / "checkpoints" / "step-0000004")["world_size"] == 2
+    meta = ckpt.read_meta(run / "checkpoints" / "step-0000004")
+    assert meta["world_size"] == 2 and meta["data"] == {"epoch": 0, "batch": 4}
     assert (run / "checkpoints" / "step-0000004" / "rng-1.pt").is_file()
+    # one process continues: same global micro-batches (32 samples), so the position carries on
+    cfg1 = tiny_cfg(tmp_path, exp_name="ddp", **{"loop.max_train_steps": 6, "loop.log_every": 2})
+    trainer = Trainer(cfg1, resume="auto")
+    assert trainer.step == 4 and trainer.micro_batch == 32
+    trainer.fit()
+    assert ckpt.read_meta(run / "checkpoints" / "step-0000006")["data"] == {"epoch": 0, "batch": 6}
+    assert "it was written by 2" in (run / "log.txt").read_text()
 
 
 def test_nan_steps_are_skipped_and_persisting_nan_stops(tmp_path, monkeypatch):
@@ -201,3 +216,186 @@ def test_compile_trains_student_and_teacher_like_eager(tmp_path):
         assert a["step"] == b["step"]
         for key in ("denoise", "align", "cosine"):
             assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), key
+
+
+# -- the README's main job, end to end, from an empty cache ------------------------------------------
+README_TINY = ["--depth", "2", "--hidden-size", "32", "--num-heads", "2", "--block-out-s", "1",
+               "--block-out-t", "2", "--batch-size", "32", "--max-train-steps", "4",
+               "--checkpoint-steps", "2", "--grid-samples", "4", "--report-to", "none"]
+
+
+def test_readme_main_job_from_an_empty_cache(tmp_path, capsys):
+    """`sra train --preset digits`, shrunk by flags only: Trainer.fit with the digits evaluation ON,
+    against the empty SRA_CACHE_DIR this test gets (the classifier is trained on first use)."""
+    from sra.eval.digits import default_classifier_path
+
+    assert not default_classifier_path().exists()
+    args = ["train", "--preset", "digits", *README_TINY, "--eval-samples", "40",
+            "--output-dir", str(tmp_path)]
+    assert main(args) == 0, capsys.readouterr().err
+    run = tmp_path / "digits-sra"
+    ev = json.loads((run / "eval_digits.json").read_text())
+    assert ev["step"] == 4 and ev["num_samples"] == 40 and ev["fd"] > 0 and 0 <= ev["acc"] <= 1
+    assert default_classifier_path().is_file()  # cached for the next run
+    assert capsys.readouterr().out.strip().endswith(f"run directory: {run}")
+    # the same command again: refused in one line, nothing touched
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--resume auto" in err
+    # --resume auto on a complete run: says so, exits 0
+    assert main(args + ["--resume", "auto"]) == 0
+    assert "already complete at step 4" in capsys.readouterr().out
+    # a run that died after its last checkpoint (before its evaluation) can still finish it
+    (run / "eval_digits.json").unlink()
+    assert main(args + ["--resume", "auto"]) == 0
+    assert json.loads((run / "eval_digits.json").read_text())["step"] == 4
+
+
+@pytest.mark.parametrize("flags", [
+    ["--grid-samples", "0"], ["--eval-samples", "0"], ["--sample-steps", "0"],
+    ["--checkpoint-steps", "1000"],
+])
+def test_degenerate_but_legal_settings(tmp_path, flags):
+    args = ["train", *README_TINY, "--eval-samples", "0", "--output-dir", str(tmp_path), *flags]
+    assert main(args) == 0
+    run = tmp_path / "digits-sra"
+    assert [p.name for p in ckpt.list_checkpoints(run)][-1] == "step-0000004"
+    grids = list((run / "samples").glob("*.png")) if (run / "samples").exists() else []
+    assert bool(grids) == (flags != ["--grid-samples", "0"])
+
+
+def test_resolution_that_does_not_match_the_data(tmp_path, capsys):
+    assert main(["train", *README_TINY, "--resolution", "256", "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--resolution is 256" in err
+    assert not (tmp_path / "digits-sra").exists()
+
+
+@pytest.mark.parametrize("flag,value", [("--batch-size", "16"), ("--gradient-accumulation-steps", "2")])
+def test_resume_with_another_batch_layout_is_refused(tmp_path, capsys, flag, value):
+    base = ["train", *README_TINY, "--eval-samples", "0", "--output-dir", str(tmp_path)]
+    assert main(base) == 0
+    before = sorted(p.name for p in (tmp_path / "digits-sra" / "checkpoints").iterdir())
+    capsys.readouterr()
+    code = main(base + ["--max-train-steps", "6", "--resume", "auto", flag, value])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and flag in err, err
+    assert sorted(p.name for p in (tmp_path / "digits-sra" / "checkpoints").iterdir()) == before
+
+
+# -- host–device syncs ---------------------------------------------------------------------------------
+class _SyncCounter:
+    """Counts host reads of tensor values: `_local_scalar_dense` (behind .item(), bool(), int(),
+    float()) seen by a dispatch mode, plus .tolist()/.numpy() calls (which do not dispatch on CPU
+    but copy device → host on a GPU)."""
+
+    def __init__(self, trainer):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+        self.trainer, self.events = trainer, []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default):
+                    counter.record(str(func))
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+    def record(self, what):
+        self.events.append((self.trainer.step, self.trainer._in_step, what))
+
+    def wrap(self, name):
+        real = getattr(torch.Tensor, name)
+        counter = self
+
+        def wrapper(t, *a, **k):
+            counter.record(name)
+            return real(t, *a, **k)
+
+        return real, wrapper
+
+
+@pytest.mark.parametrize("model", ["SiT-S/4", "DiT-S/4"])
+def test_no_host_sync_inside_a_training_step(tmp_path, monkeypatch, model):
+    cfg = tiny_cfg(tmp_path, **{"loop.max_train_steps": 9, "loop.log_every": 4, "model.name": model,
+                                "loop.checkpoint_steps": 100, "loop.grid_samples": 0})
+    trainer = Trainer(cfg)
+    # The batches are fetched up front: the DataLoader reads host data (CPU indices, labels),
+    # which is no device sync; what is counted is the step itself.
+    trainer.loader = list(itertools.islice(iter(trainer.loader), 9))
+    trainer._in_step = False
+    counter = _SyncCounter(trainer)
+    real_step = Trainer._train_step
+
+    def step(self, batches):
+        self._in_step = True
+        try:
+            return real_step(self, batches)
+        finally:
+            self._in_step = False
+
+    monkeypatch.setattr(Trainer, "_train_step", step)
+    for name in ("tolist", "numpy"):
+        real, wrapper = counter.wrap(name)
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    with counter.mode:
+        trainer.fit()
+    # no step reads a value on the host; between steps, only the log steps 4 and 8 (and the last) do
+    inside = [e for e in counter.events if e[1]]
+    assert inside == [], inside
+    between = [e for e in counter.events if not e[1] and 1 <= e[0] <= 8 and e[0] % 4]
+    assert between == [], between
+    assert any(e[0] == 4 and not e[1] for e in counter.events)  # the log step does read
+
+
+def test_backward_runs_outside_autocast(tmp_path, monkeypatch):
+    trainer = Trainer(tiny_cfg(tmp_path, **{"loop.max_train_steps": 1}))
+    seen = []
+    real = trainer.accelerator.backward
+
+    def backward(loss, **kw):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return real(loss, **kw)
+
+    monkeypatch.setattr(trainer.accelerator, "backward", backward)
+    monkeypatch.setattr(trainer.accelerator, "autocast",
+                        lambda *a, **k: torch.autocast("cpu", dtype=torch.bfloat16))
+    trainer.fit()
+    assert seen == [False]
+
+
+def test_metrics_truncation_and_reader_keep_every_other_line(tmp_path):
+    from sra.errors import SraError
+    from sra.training.bookkeeping import truncate_metrics
+    from sra.viz.curves import read_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 2}\n{"step": 4}\nnot json\n{"step": 6}\n{"step": 8}\n{"step": 1')
+    truncate_metrics(path, 4)
+    assert path.read_text() == '{"step": 2}\n{"step": 4}\nnot json\n'
+    with pytest.raises(SraError, match="line 3 is not JSON"):
+        read_jsonl(path)
+    path.write_text('{"step": 2}\n{"step": 4}\n{"ste')  # only a torn last line may go
+    assert read_jsonl(path) == [{"step": 2}, {"step": 4}]
+
+
+def test_resume_auto_passes_over_a_damaged_newest_checkpoint(tmp_path, capsys):
+    base = ["train", *README_TINY, "--eval-samples", "0", "--output-dir", str(tmp_path)]
+    assert main(base + ["--max-train-steps", "4"]) == 0
+    run = tmp_path / "digits-sra"
+    ema = run / "checkpoints" / "step-0000004" / "ema.safetensors"
+    ema.write_bytes(ema.read_bytes()[:100])  # torn by a crash of the disk, say
+    assert main(base + ["--max-train-steps", "6", "--resume", "auto"]) == 0
+    log_text = (run / "log.txt").read_text()
+    assert "step-0000004 is damaged (ema.safetensors: truncated" in log_text
+    assert "resumed from" in log_text and "step-0000002 at step 2" in log_text
+    assert ckpt.read_meta(run / "checkpoints" / "step-0000006")["data"] == {"epoch": 0, "batch": 6}
+    # every checkpoint damaged: one clear line, nothing written
+    for p in (run / "checkpoints").glob("step-*/model.safetensors"):
+        p.write_bytes(b"\0" * 10)
+    capsys.readouterr()
+    assert main(base + ["--max-train-steps", "8", "--resume", "auto"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no checkpoint of" in err and "loads completely" in err

@@ -133,5 +133,8 @@ def run(args: argparse.Namespace) -> int:
         steps = args.epochs * len(trainer.dataset) // cfg.loop.global_batch_size
         trainer.cfg = override(trainer.cfg, "loop.max_train_steps", steps)
     run_dir = trainer.fit()
-    print(f"run directory: {run_dir}")
+    if trainer.accelerator.is_main_process:  # one line per run, not one per process
+        if trainer.was_complete:
+            print(f"the run was already complete at step {trainer.step}; its outputs are finished")
+        print(f"run directory: {run_dir}")
     return 0

@@ -50,13 +50,16 @@ def build_dataset(
     """Open a dataset by ``spec``: "digits", a packed folder, or a release ``vae-sd`` folder/ZIP.
 
     An ``encode`` output folder works too (its ``packed/`` is preferred over its ``vae-sd/``).
-    ``resolution`` (pixels) is checked against latent data (latent size × 8) and ignored for
-    the pixel-space digits. ``latent_scale`` overrides the stored/default 0.18215.
+    ``resolution`` (pixels) is checked against the data (latents: latent size × 8;
+    digits: 16). ``latent_scale`` overrides the stored/default 0.18215.
     """
     kind = dataset_kind(os.fspath(spec))
     if kind == DIGITS:
-        from sra.data.digits import DigitsDataset
+        from sra.data.digits import DIGITS_SIZE, DigitsDataset
 
+        if resolution is not None and resolution != DIGITS_SIZE:
+            raise SraError(f"the digits are {DIGITS_SIZE}x{DIGITS_SIZE} pixels, but --resolution is "
+                           f"{resolution}; allowed: {DIGITS_SIZE} (or leave it unset)")
         return DigitsDataset()
     if kind == "packed":
         from sra.data.encode import PACKED_DIR

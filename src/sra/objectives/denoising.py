@@ -67,7 +67,10 @@ class DDPMProcess:
     def __init__(self, diffusion=None):
         from sra.diffusion.ddpm import DDPMConfig, GaussianDiffusion
 
-        self.diffusion = diffusion if diffusion is not None else GaussianDiffusion(DDPMConfig())
+        # Training builds its timesteps itself (randint in range, clamped teacher steps), so the
+        # range check, which reads t on the host every call, is off here.
+        self.diffusion = diffusion if diffusion is not None else GaussianDiffusion(
+            DDPMConfig(check_timesteps=False))
         self.num_steps = self.diffusion.num_timesteps
 
     def sample_t(self, n: int, device: torch.device | str) -> torch.Tensor:

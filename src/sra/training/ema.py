@@ -25,13 +25,23 @@ def ema_decay(cfg: EMAConfig, num_updates: int) -> float:
 
 
 @torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema ← decay·ema + (1 − decay)·model for every parameter (buffers are copied)."""
+def update_ema(ema: nn.Module, model: nn.Module, decay: float,
+               apply: torch.Tensor | None = None) -> None:
+    """ema ← decay·ema + (1 − decay)·model for every parameter (buffers are copied).
+
+    ``apply``: a boolean 0-d tensor; where it is False the EMA stays exactly as it is. It is
+    folded into the interpolation weight on the device, so skipping costs no host sync (a 0-d
+    tensor passed as the scalar weight would be read on the host; one per tensor in a list is not).
+    """
     ema_params = [p for p in ema.parameters()]
     params = [p.detach() for p in model.parameters()]
     if len(ema_params) != len(params):
         raise RuntimeError("EMA and model have different parameter lists")
-    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+    if apply is None:
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+    else:
+        weight = apply.to(device=ema_params[0].device, dtype=ema_params[0].dtype) * (1.0 - decay)
+        torch._foreach_lerp_(ema_params, params, [weight] * len(params))
     for b_ema, b in zip(ema.buffers(), model.buffers()):
         b_ema.copy_(b)
 

@@ -1,8 +1,12 @@
 """The training loop on HuggingFace accelerate. No math lives here: the objective computes the
-losses, :mod:`sra.training.ema` the EMA, :mod:`sra.training.checkpoint` the files.
+losses, :mod:`sra.training.ema` the EMA, :mod:`sra.training.checkpoint` the files,
+:mod:`sra.training.monitor` the grids and the digits metric.
 
 Batch sizes: ``loop.global_batch_size`` counts samples per optimizer step over all processes
 and accumulation steps; each process's micro-batch is global / (processes × accumulation).
+
+Host–device syncs: a step never reads a tensor on the host. Statistics, the non-finite-step
+count and the stop flag are read at log and checkpoint steps only (marked "sync point").
 """
 
 from __future__ import annotations
@@ -12,27 +16,34 @@ import json
 import logging
 import math
 import os
-import signal
-import time
-from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from sra.atomic import atomic_write_json
 from sra.config import TrainConfig
 from sra.data.base import DataInfo, draw_latents
 from sra.errors import SraError
 from sra.models import ModelConfig, build_model, model_config
 from sra.objectives import SRAObjective, make_process
-from sra.sampling import SamplerConfig, generate
 from sra.training import checkpoint as ckpt
 from sra.training.batches import Position, ShardedBatchSampler, advance
+from sra.training.bookkeeping import (NonFiniteGuard, StatsWindow, StopFlag, any_process, flatten,
+                                      min_over_processes, reduce_mean, truncate_metrics)
 from sra.training.ema import ema_decay, make_ema, update_ema
+from sra.training.monitor import METRICS_FILE, Monitor, MonitorConfig
 
 log = logging.getLogger("sra.train")
-GRID_MIN_CELL = 64  # pixels: sample-grid cells are enlarged (nearest) to at least this size
+
+# Settings a checkpoint must share with the run that resumes it: they fix which samples each
+# optimizer step sees (the position is counted in global micro-batches of global/accumulation).
+RESUME_INVARIANTS = {
+    "global_batch_size": "--batch-size",
+    "gradient_accumulation_steps": "--gradient-accumulation-steps",
+}
 
 
 # -- set-up helpers --------------------------------------------------------------------------------
@@ -57,26 +68,10 @@ def load_dataset(cfg: TrainConfig):
     return build_dataset(cfg.data.data_dir, cfg.data.resolution)
 
 
-class _StopFlag:
-    """SIGTERM/SIGINT ask for a clean stop: finish the step, write a checkpoint, exit."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = {}
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. inside a test runner thread)
-                pass
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def restore(self) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """A seed for process ``rank`` from optimizer step ``step`` on (used when a resumed run has
+    no RNG state for this process, e.g. after a change of the number of processes)."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 
 # -- the trainer ----------------------------------------------------------------------------------
@@ -89,9 +84,11 @@ class Trainer:
 
         self.cfg = cfg
         loop = cfg.loop
+        self.notes: list[str] = []  # warnings found while setting up; logged once the log exists
         self.run_dir = Path(cfg.output_dir) / cfg.exp_name
         trackers = [] if loop.report_to == "none" else [loop.report_to]
-        # Several processes without CUDA: accelerate only picks gloo/MULTI_CPU when told "cpu".
+        # Several processes without CUDA (`accelerate launch --multi_gpu` or torchrun on a CPU
+        # machine): accelerate picks gloo/MULTI_CPU only when told "cpu".
         multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
         self.accelerator = Accelerator(
             cpu=multi_cpu, mixed_precision=loop.mixed_precision, log_with=trackers or None,
@@ -111,39 +108,45 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
-        # Data and model (validated before anything is written).
+        # Data, model and the checkpoint to resume: all validated before anything is written.
         self.dataset = load_dataset(cfg)
         self.info: DataInfo = self.dataset.info
         self.model_cfg = resolve_model_config(cfg, self.info)
-        self.resume_from = self._find_resume(resume)
-        if self.resume_from is None and ckpt.latest_checkpoint(self.run_dir) is not None:
+        state = self._find_resume(resume)
+        self.resume_from = state.path if state is not None else None
+        if state is None and ckpt.latest_checkpoint(self.run_dir) is not None:
             raise SraError(f"{self.run_dir} already holds checkpoints; pass --resume auto to "
                            f"continue it or choose another --exp-name / --output-dir")
+        if state is not None:
+            self._check_resume_fits(state)
 
         set_seed(loop.seed)  # identical initial weights (and so EMA) on every process
         model = build_model(self.model_cfg)
         model.set_fused_attention(cfg.model.fused_attn)
-        if cfg.init_from:
+        if cfg.init_from and state is None:
             self._init_weights(model, cfg.init_from)
         self.ema = make_ema(model).to(acc.device)
-        # Fused AdamW exists for CUDA and (torch ≥ 2.4) CPU: one kernel instead of a per-tensor loop.
-        fused = acc.device.type in ("cuda", "cpu")
+        # Fused AdamW exists for CUDA and (torch ≥ 2.4) CPU: one kernel instead of a per-tensor
+        # loop, and it can skip a non-finite step on the device (see _optimizer_step).
+        self.fused = acc.device.type in ("cuda", "cpu")
         opt = torch.optim.AdamW(
             model.parameters(), lr=cfg.optim.learning_rate,
             betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
             weight_decay=cfg.optim.adam_weight_decay, eps=cfg.optim.adam_epsilon,
-            fused=fused, foreach=None if fused else True,
+            fused=self.fused, foreach=None if self.fused else True,
         )
         set_seed(loop.seed, device_specific=True)  # but different noise per process
         self.objective = SRAObjective(make_process(self.model_cfg.family, cfg.flow), cfg.align,
                                       cfg.data.label_dropout, self.model_cfg.num_classes)
-        self._decoder = None
-        self._warned_vae = False
         self.step = 0
         self.start = Position()
-        self.skipped = 0
-        if self.resume_from is not None:
-            self._load_state(model, opt, self.resume_from)
+        skipped = 0
+        if state is not None:
+            skipped = self._apply_state(model, opt, state)
+        self.skipped = skipped  # host copy, refreshed at every log/checkpoint step
+        self.nonfinite = NonFiniteGuard(acc.device, skipped)
+        self.saved_step = self.step if state is not None else -1
+        self.was_complete = False  # set by fit(): resumed at or past max_train_steps
         self.model, self.optimizer = acc.prepare(model, opt)
         self.forward_model = torch.compile(self.model) if loop.compile else self.model
         # The teacher's forward (blocks 1..t, no grad) is compiled too: +1–3 % per step on the
@@ -158,22 +161,92 @@ class Trainer:
             # Own generator: creating loader iterators must not consume the global RNG stream.
             generator=torch.Generator(),
         )
+        self.monitor = Monitor(
+            self.run_dir,
+            MonitorConfig(grid_samples=loop.grid_samples, grid_sampler=loop.grid_sampler,
+                          eval_samples=loop.eval_samples if self._evaluates_digits() else 0,
+                          vae=cfg.data.vae),
+            self.model_cfg, self.info, cfg.flow.path_type, acc.device, acc.autocast)
+
+    def _evaluates_digits(self) -> bool:
+        return self.cfg.data.data_dir == "digits" and self.cfg.loop.eval_digits
 
     # -- resume / init -------------------------------------------------------------------------
-    def _find_resume(self, resume: str | None) -> Path | None:
+    def _find_resume(self, resume: str | None) -> "ckpt.TrainingState | None":
+        """The loaded checkpoint to resume: ``auto`` = the newest one of the run that loads
+        completely (damaged newer ones are reported and passed over), or an explicit path."""
         if not resume:
             return None
-        if resume == "auto":
-            return ckpt.latest_checkpoint(self.run_dir)
-        path = Path(resume)
-        if not path.exists():
-            raise FileNotFoundError(f"--resume checkpoint not found: {path}")
-        if not (path / "meta.json").is_file():
-            latest = ckpt.latest_checkpoint(path)
-            if latest is None:
-                raise SraError(f"{path} is not a complete sra checkpoint (no meta.json)")
-            return latest
-        return path
+        acc = self.accelerator
+        if resume != "auto":
+            path = Path(resume)
+            if not path.exists():
+                raise FileNotFoundError(f"--resume checkpoint not found: {path}")
+            if not (path / "meta.json").is_file():
+                path = ckpt.latest_checkpoint(path)
+                if path is None:
+                    raise SraError(f"{resume} is not a complete sra checkpoint (no meta.json)")
+            return ckpt.load_training_state(path, acc.process_index)
+        state, damaged = ckpt.find_resumable_state(self.run_dir, acc.process_index)
+        self.notes += [f"checkpoint {path} is damaged ({reason}); passing over it"
+                       for path, reason in damaged]
+        # Every process must resume the same step (a rank's own RNG file could be the damaged one).
+        step = min_over_processes(acc, state.step if state is not None else -1)
+        if state is None or step < 0:
+            if damaged:
+                raise SraError(f"no checkpoint of {self.run_dir} loads completely (newest: "
+                               f"{damaged[0][0].name}: {damaged[0][1]})")
+            return None
+        if step != state.step:
+            state = ckpt.load_training_state(ckpt.checkpoint_path(self.run_dir, step), acc.process_index)
+        if damaged:
+            self.notes.append(f"resuming from {state.path} (the newest checkpoint that loads completely)")
+        return state
+
+    def _check_resume_fits(self, state: "ckpt.TrainingState") -> None:
+        """Refuse a checkpoint of another model or another batch layout, naming the setting."""
+        path, saved = state.path, state.meta.get("config", {})
+        saved_model = saved.get("model")
+        if saved_model and ModelConfig.from_dict(saved_model) != self.model_cfg:
+            raise SraError(f"checkpoint {path} was made for a different model "
+                           f"({saved_model}); the run asks for {self.model_cfg.to_dict()}")
+        for key, flag in RESUME_INVARIANTS.items():
+            then = saved.get("loop", {}).get(key)
+            now = getattr(self.cfg.loop, key)
+            if then is not None and then != now:
+                raise SraError(
+                    f"checkpoint {path} was trained with {flag} {then}, this run asks for {now}: "
+                    f"resume with {flag} {then} (it fixes which samples each step sees)")
+
+    def _apply_state(self, model, opt, state: "ckpt.TrainingState") -> int:
+        """Put a loaded checkpoint into the model, EMA, optimizer and RNGs; returns its skip count."""
+        from accelerate.utils import set_seed
+
+        acc, path = self.accelerator, self.resume_from
+        ckpt.load_state_dict_strict(model, state.model, str(path / "model.safetensors"))
+        ckpt.load_state_dict_strict(self.ema, state.ema, str(path / "ema.safetensors"))
+        self.ema.to(acc.device)
+        try:
+            opt.load_state_dict(state.optimizer)
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise SraError(f"{path / 'optimizer.pt'} does not fit this model's optimizer ({exc})") from None
+        if state.scaler is not None and acc.scaler is not None:
+            acc.scaler.load_state_dict(state.scaler)
+        meta = state.meta
+        self.step = int(meta["step"])
+        self.start = Position(**meta["data"])
+        then_world = int(meta.get("world_size", acc.num_processes))
+        if state.rng is not None and then_world == acc.num_processes:
+            ckpt.set_rng_state(state.rng)
+        else:
+            # Data order is unchanged (same global micro-batches); the noise streams cannot be
+            # continued across a different process count, so they restart from (seed, step, rank).
+            set_seed(step_seed(self.cfg.loop.seed, self.step, acc.process_index))
+            self.notes.append(
+                f"resuming {path} with {acc.num_processes} processes (it was written by "
+                f"{then_world}): the data order continues exactly; the noise streams are reseeded "
+                f"from step {self.step}")
+        return int(meta.get("skipped", 0))
 
     def _init_weights(self, model, source: str) -> None:
         sd, info = ckpt.load_weights(source, weights="ema")
@@ -182,27 +255,6 @@ class Trainer:
         elif not any(k.startswith("ap_head.") for k in sd):
             sd = dict(sd, **{f"ap_head.{k}": v for k, v in model.ap_head.state_dict().items()})
         ckpt.load_state_dict_strict(model, sd, source)
-
-    def _load_state(self, model, opt, path: Path) -> None:
-        from safetensors.torch import load_file
-
-        meta = ckpt.read_meta(path)
-        saved_model = meta.get("config", {}).get("model")
-        if saved_model and ModelConfig.from_dict(saved_model) != self.model_cfg:
-            raise SraError(f"checkpoint {path} was made for a different model "
-                           f"({saved_model}); the run asks for {self.model_cfg.to_dict()}")
-        ckpt.load_state_dict_strict(model, load_file(path / "model.safetensors"), str(path))
-        ckpt.load_state_dict_strict(self.ema, load_file(path / "ema.safetensors"), str(path))
-        self.ema.to(self.accelerator.device)
-        opt.load_state_dict(ckpt.safe_torch_load(path / "optimizer.pt"))
-        if (path / "scaler.pt").exists() and self.accelerator.scaler is not None:
-            self.accelerator.scaler.load_state_dict(ckpt.safe_torch_load(path / "scaler.pt"))
-        rng_file = path / f"rng-{self.accelerator.process_index}.pt"
-        if rng_file.exists():
-            ckpt.set_rng_state(ckpt.safe_torch_load(rng_file))
-        self.step = int(meta["step"])
-        self.start = Position(**meta["data"])
-        self.skipped = int(meta.get("skipped", 0))
 
     # -- checkpoints ---------------------------------------------------------------------------
     def resolved_config(self) -> dict:
@@ -215,9 +267,10 @@ class Trainer:
         return d
 
     def save(self, position: Position) -> Path | None:
+        """Write ``checkpoints/step-NNNNNNN/`` atomically (all processes call this)."""
         acc = self.accelerator
         model = acc.unwrap_model(self.model)
-        if not (ckpt.all_finite(model) and ckpt.all_finite(self.ema)):
+        if not (ckpt.all_finite(model) and ckpt.all_finite(self.ema)):  # sync point
             log.error("refusing to write a checkpoint at step %d: non-finite weights", self.step)
             return None
         root = self.run_dir / ckpt.CKPT_DIR
@@ -229,8 +282,10 @@ class Trainer:
         torch.save(ckpt.rng_state(), tmp / f"rng-{acc.process_index}.pt")
         acc.wait_for_everyone()
         if acc.is_main_process:
-            meta = {"step": self.step, "data": vars(position), "skipped": self.skipped,
-                    "world_size": acc.num_processes, "config": self.resolved_config()}
+            meta = {"step": self.step, "data": vars(position),
+                    "images_seen": self.step * self.cfg.loop.global_batch_size,
+                    "skipped": self.skipped, "world_size": acc.num_processes,
+                    "config": self.resolved_config()}
             scaler = acc.scaler.state_dict() if acc.scaler is not None else None
             ckpt.write_checkpoint_files(tmp, model=model, ema=self.ema, optimizer=self.optimizer,
                                         scaler_state=scaler, meta=meta)
@@ -238,209 +293,179 @@ class Trainer:
             ckpt.prune_checkpoints(self.run_dir, self.cfg.loop.keep_last,
                                    self.cfg.loop.milestone_steps)
         acc.wait_for_everyone()
+        self.saved_step = self.step
         return root / name
 
-    # -- monitoring ----------------------------------------------------------------------------
-    def sample_grid(self, tag: str) -> Path | None:
-        """An EMA sample grid with fixed noise and labels (main process only)."""
-        if not self.accelerator.is_main_process:
-            return None
-        from sra.viz.grid import save_grid
+    # -- one optimizer step ----------------------------------------------------------------------
+    def _train_step(self, batches) -> tuple[dict[str, torch.Tensor], torch.Tensor, float]:
+        """Accumulate ``A`` micro-batches, clip, step AdamW and the EMA. Returns device tensors
+        (the step's statistics and whether it was finite) and the alignment weight; no sync."""
+        acc, cfg = self.accelerator, self.cfg
+        A = cfg.loop.gradient_accumulation_steps
+        stats: dict[str, torch.Tensor] = {}
+        for k in range(A):
+            x, y = next(batches)
+            x0 = draw_latents(x.to(acc.device, non_blocking=True), self.info)
+            y = y.to(acc.device, non_blocking=True)
+            # DDP all-reduces gradients only on the last micro-batch of the step.
+            sync = contextlib.nullcontext() if k == A - 1 else acc.no_sync(self.model)
+            with sync:
+                with acc.autocast():  # the teacher runs under the same autocast
+                    out = self.objective(self.forward_model, self.teacher_model, x0, y, self.step)
+                acc.backward(out.total / A)  # outside autocast, as the AMP recipe asks
+            for key, v in {"loss": out.total.detach(), "denoise": out.denoise,
+                           "align": out.align, **out.stats}.items():
+                stats[key] = stats[key] + v.float() / A if key in stats else v.float() / A
+        # Gradients are all-reduced by now, so the norm (and `finite`) agree on every process.
+        grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm)
+        finite = torch.isfinite(grad_norm)
+        self._optimizer_step(finite)
+        update_ema(self.ema, acc.unwrap_model(self.model), ema_decay(cfg.ema, self.step), apply=finite)
+        self.nonfinite.update(finite)
+        stats["grad_norm"] = grad_norm.float()
+        return stats, finite, out.weight
 
-        n = self.cfg.loop.grid_samples
-        images = self._ema_samples(n, seed=1234)
-        if images.shape[-1] < GRID_MIN_CELL:  # tiny images (digits): enlarge for viewing
-            factor = math.ceil(GRID_MIN_CELL / images.shape[-1])
-            images = torch.nn.functional.interpolate(images, scale_factor=factor, mode="nearest")
-        path = self.run_dir / "samples" / f"{tag}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_grid(images, path, nrow=int(math.ceil(math.sqrt(n))))
-        return path
+    def _optimizer_step(self, finite: torch.Tensor) -> None:
+        """AdamW step, skipped where ``finite`` is False — decided on the device."""
+        opt, acc = self.optimizer, self.accelerator
+        inner = opt.optimizer  # accelerate's wrapper around torch's AdamW
+        if acc.scaler is not None:
+            opt.step()  # fp16: the grad scaler skips non-finite steps itself
+        elif self.fused:
+            # The fused kernel takes `found_inf` (what GradScaler hands it) and leaves parameters,
+            # moments and the step count untouched where it is 1: a skip without a host sync.
+            inner.found_inf = (~finite).to(torch.float32)
+            try:
+                opt.step()
+            finally:
+                del inner.found_inf
+        elif bool(finite):  # sync point: only optimizers without the fused kernel get here
+            opt.step()
+        opt.zero_grad(set_to_none=True)
 
-    def _grid_sampler(self) -> SamplerConfig:
-        s = self.cfg.loop.grid_sampler
-        if self.model_cfg.family == "DiT" and s.mode not in ("ddpm", "ddim"):
-            s = replace(s, mode="ddpm")
-        return replace(s, path_type=self.cfg.flow.path_type)
-
-    @torch.no_grad()
-    def _ema_samples(self, n: int, seed: int, labels: torch.Tensor | None = None,
-                     batch: int = 256) -> torch.Tensor:
-        """n EMA samples decoded to images in [-1, 1], (n, C, H, W); labels cycle the classes."""
-        dev = self.accelerator.device
-        g = torch.Generator().manual_seed(seed)
-        m = self.model_cfg
-        noise = torch.randn(n, m.in_channels, m.input_size, m.input_size, generator=g)
-        if labels is None:
-            labels = torch.arange(n) % m.num_classes
-        out = []
-        rng = torch.get_rng_state()  # sampling must not disturb training's RNG stream
-        for i in range(0, n, batch):
-            with self.accelerator.autocast():
-                z = generate(self.ema, noise[i:i + batch].to(dev), labels[i:i + batch].to(dev),
-                             self._grid_sampler(), generator=torch.Generator(dev).manual_seed(seed + i))
-            out.append(z.float().cpu())
-        torch.set_rng_state(rng)
-        z = torch.cat(out)
-        return self._decode(z)
-
-    def _decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Model outputs → images in [-1, 1]; latents go through the VAE when it can be loaded,
-        else (no weights offline) the first 3 latent channels are shown, min-max scaled."""
-        from sra.sampling.decode import ImageDecoder
-
-        if self._decoder is None:
-            self._decoder = ImageDecoder(self.info, vae=self.cfg.data.vae, device=self.accelerator.device)
-        try:
-            return self._decoder.decode_float(z).clamp(-1, 1).cpu()
-        except (OSError, SraError, ValueError, ImportError) as exc:
-            if not self._warned_vae:
-                log.warning("cannot load VAE %r (%s); grids show latent channels instead",
-                            self.cfg.data.vae, str(exc).splitlines()[0] if str(exc) else exc)
-                self._warned_vae = True
-            z = z[:, :3].float()
-            lo = z.amin(dim=(1, 2, 3), keepdim=True)
-            hi = z.amax(dim=(1, 2, 3), keepdim=True)
-            return (z - lo) / (hi - lo).clamp_min(1e-8) * 2 - 1
-
-    def evaluate_digits(self) -> dict | None:
-        loop = self.cfg.loop
-        if self.cfg.data.data_dir != "digits" or not loop.eval_digits or loop.eval_samples < 1:
-            return None
-        if not self.accelerator.is_main_process:
-            return None
-        from sra.eval.digits import digits_metrics
-
-        n = self.cfg.loop.eval_samples
-        labels = torch.arange(n) % self.model_cfg.num_classes
-        images = self._ema_samples(n, seed=4321, labels=labels)
-        metrics = digits_metrics(images, labels)
-        with open(self.run_dir / "eval_digits.json", "w") as f:
-            json.dump({"step": self.step, "num_samples": n, **metrics}, f, indent=2)
-        return metrics
-
-    # -- the loop ------------------------------------------------------------------------------
+    # -- the loop --------------------------------------------------------------------------------
     def fit(self) -> Path:
+        """Train to ``loop.max_train_steps`` (or finish a complete run's outputs); the run dir."""
         cfg, loop, acc = self.cfg, self.cfg.loop, self.accelerator
-        main = acc.is_main_process
-        if main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(self.resolved_config(), indent=2))
-            _setup_file_logging(self.run_dir / "log.txt")
-            _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
-        if loop.report_to != "none":
-            flat = {k: str(v) for k, v in _flatten(self.resolved_config()).items()}
-            acc.init_trackers(cfg.exp_name, config=flat)
-        log.info("run %s: %s, %d processes, micro-batch %d, accumulation %d, global batch %d",
-                 self.run_dir, cfg.model.name, acc.num_processes, self.micro_batch,
-                 loop.gradient_accumulation_steps, loop.global_batch_size)
-        if self.resume_from:
-            log.info("resumed from %s at step %d", self.resume_from, self.step)
-
-        stop = _StopFlag()
+        self._begin()
+        stop = StopFlag()
         stop.install()
-        model, opt = self.model, self.optimizer
-        base_model = acc.unwrap_model(model)
+        window = StatsWindow()
         micro_done = 0
-        consecutive = 0
-        window: dict[str, float] = {}
-        window_n = 0
-        t_window = time.perf_counter()
-        metrics_path = self.run_dir / "metrics.jsonl"
-        bar = tqdm(total=loop.max_train_steps, initial=self.step, disable=not main,
-                   desc="train", dynamic_ncols=True)
-        data_iter = iter(self.loader)
-        A = loop.gradient_accumulation_steps
+        timer = _Timer()
+        metrics_path = self.run_dir / METRICS_FILE
+        bar = tqdm(total=loop.max_train_steps, initial=min(self.step, loop.max_train_steps),
+                   disable=not acc.is_main_process, desc="train", dynamic_ncols=True)
+        batches = iter(self.loader)
         try:
             while self.step < loop.max_train_steps:
                 lr = cfg.optim.learning_rate * min(1.0, (self.step + 1) / max(1, cfg.optim.warmup_steps))
-                for group in opt.param_groups:
+                for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                sums = None
-                for k in range(A):
-                    x, y = next(data_iter)
-                    micro_done += 1
-                    x = x.to(acc.device, non_blocking=True)
-                    y = y.to(acc.device, non_blocking=True)
-                    x0 = draw_latents(x, self.info)
-                    sync = k == A - 1
-                    ctx = acc.no_sync(model) if not sync else contextlib.nullcontext()
-                    with ctx, acc.autocast():  # the teacher runs under the same autocast
-                        out = self.objective(self.forward_model, self.teacher_model, x0, y, self.step)
-                        acc.backward(out.total / A)
-                    part = {"loss": out.total.detach(), "denoise": out.denoise, "align": out.align,
-                            **out.stats}
-                    sums = part if sums is None else {kk: sums[kk] + v for kk, v in part.items()}
-                grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
-                finite = bool(torch.isfinite(grad_norm))  # identical on every rank (all-reduced)
-                if finite or acc.scaler is not None:
-                    opt.step()  # under fp16 the grad scaler itself skips non-finite steps
-                opt.zero_grad(set_to_none=True)
-                if finite:
-                    consecutive = 0
-                    update_ema(self.ema, base_model, ema_decay(cfg.ema, self.step))
-                else:
-                    self.skipped += 1
-                    consecutive += 1
-                    log.warning("step %d: non-finite loss/gradients, update skipped (%d in a row, "
-                                "%d in all)", self.step, consecutive, self.skipped)
-                    if consecutive >= loop.max_consecutive_skips:
-                        raise SraError(
-                            f"stopping: {consecutive} consecutive non-finite steps at step "
-                            f"{self.step} (lower the learning rate, or use bf16 instead of fp16)"
-                        )
+                stats, finite, weight = self._train_step(batches)
+                micro_done += loop.gradient_accumulation_steps
                 self.step += 1
                 bar.update(1)
-                if finite:  # tensors: no device sync until the log step
-                    for kk, v in sums.items():
-                        window[kk] = window.get(kk, 0.0) + v.float() / A
-                    window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm.float()
-                    window_n += 1
+                window.add(stats, finite)
                 position = advance(self.start, micro_done, self.sampler.batches_per_epoch)
-
-                if self.step % loop.log_every == 0 or self.step == loop.max_train_steps:
-                    dt = time.perf_counter() - t_window
-                    rec = {k: float(v) / max(1, window_n) for k, v in window.items()}
-                    steps_in_window = loop.log_every if self.step % loop.log_every == 0 else \
-                        self.step % loop.log_every
-                    rec.update(step=self.step, lr=lr, weight=out.weight, skipped=self.skipped,
-                               epoch=position.epoch, steps_per_s=steps_in_window / dt,
-                               images_per_s=steps_in_window * loop.global_batch_size / dt)
-                    rec = _reduce_mean(acc, rec)
-                    if main:
-                        with open(metrics_path, "a") as f:
-                            f.write(json.dumps(rec) + "\n")
-                        bar.set_postfix(loss=f"{rec.get('loss', float('nan')):.4f}",
-                                        align=f"{rec.get('align', 0):.3f}")
-                        log.info("step %d loss %.5f denoise %.5f align %.4f grad %.3f %.2f it/s",
-                                 self.step, rec.get("loss", math.nan), rec.get("denoise", math.nan),
-                                 rec.get("align", 0.0), rec.get("grad_norm", math.nan),
-                                 rec["steps_per_s"])
-                    acc.log({k: v for k, v in rec.items() if k != "step"}, step=self.step)
-                    window, window_n, t_window = {}, 0, time.perf_counter()
-
-                if loop.sample_steps and self.step % loop.sample_steps == 0:
-                    self._monitor(f"step-{self.step:07d}")
-                if self.step % loop.checkpoint_steps == 0:
+                last = self.step == loop.max_train_steps
+                log_step = self.step % loop.log_every == 0 or last
+                ckpt_step = self.step % loop.checkpoint_steps == 0
+                if log_step or ckpt_step:
+                    self._check_health()  # sync point
+                if log_step:
+                    rates = timer.rates(window.steps, loop.global_batch_size)
+                    rec = window.read()  # sync point
+                    self._log(dict(rec, step=self.step, lr=lr, weight=weight, skipped=self.skipped,
+                                   epoch=position.epoch, **rates), metrics_path, bar)
+                if loop.sample_steps and self.step % loop.sample_steps == 0 and acc.is_main_process:
+                    self.monitor.snapshot(self.ema, self.step, cfg.exp_name)
+                if ckpt_step:
                     self.save(position)
-                if _any(acc, stop.requested):
+                if (log_step or ckpt_step) and any_process(acc, stop.requested):  # sync point
                     log.info("stop requested: writing a checkpoint at step %d", self.step)
-                    if self.step % loop.checkpoint_steps:
+                    if self.saved_step != self.step:
                         self.save(position)
                     raise KeyboardInterrupt
         finally:
             bar.close()
             stop.restore()
-        if self.step % loop.checkpoint_steps:
+        if self.saved_step != self.step:
             self.save(advance(self.start, micro_done, self.sampler.batches_per_epoch))
-        if not loop.sample_steps or self.step % loop.sample_steps:
-            self._monitor(f"step-{self.step:07d}")
-        self.check_replicas()
-        metrics = self.evaluate_digits()
-        if metrics:
-            log.info("digits metric of EMA samples: %s", json.dumps(metrics))
-        acc.end_training()
+        self._finish()
         return self.run_dir
+
+    def _begin(self) -> None:
+        """Run dir, resolved config, file log, trackers; the metrics file cut back to the resumed step."""
+        cfg, loop, acc = self.cfg, self.cfg.loop, self.accelerator
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.run_dir / "config.json", self.resolved_config())
+            _setup_file_logging(self.run_dir / "log.txt")
+            truncate_metrics(self.run_dir / METRICS_FILE, self.step)
+        if loop.report_to != "none":
+            acc.init_trackers(cfg.exp_name, config={k: str(v) for k, v in
+                                                    flatten(self.resolved_config()).items()})
+        log.info("run %s: %s, %d processes, micro-batch %d, accumulation %d, global batch %d",
+                 self.run_dir, cfg.model.name, acc.num_processes, self.micro_batch,
+                 loop.gradient_accumulation_steps, loop.global_batch_size)
+        if acc.is_main_process:
+            for note in self.notes:
+                log.warning(note)
+        if self.resume_from:
+            log.info("resumed from %s at step %d", self.resume_from, self.step)
+        self.was_complete = self.step >= loop.max_train_steps
+        if self.was_complete:
+            log.info("the run is complete (step %d of %d); finishing its outputs",
+                     self.step, loop.max_train_steps)
+
+    def _log(self, rec: dict, metrics_path: Path, bar) -> None:
+        acc = self.accelerator
+        rec = reduce_mean(acc, rec)
+        if acc.is_main_process:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            bar.set_postfix(loss=f"{rec.get('loss', float('nan')):.4f}",
+                            align=f"{rec.get('align', 0):.3f}")
+            log.info("step %d loss %.5f denoise %.5f align %.4f grad %.3f %.2f it/s",
+                     rec["step"], rec.get("loss", math.nan), rec.get("denoise", math.nan),
+                     rec.get("align", 0.0), rec.get("grad_norm", math.nan), rec["steps_per_s"])
+        acc.log({k: v for k, v in rec.items() if k != "step"}, step=rec["step"])
+
+    def _check_health(self) -> None:
+        """Apply the non-finite policy: skipped steps are counted; K in a row stop the run."""
+        self.skipped, worst = self.nonfinite.read()  # sync point
+        k = self.cfg.loop.max_consecutive_skips
+        if worst:
+            log.warning("non-finite loss/gradients: update skipped (%d in a row at most since the "
+                        "last check, %d in all, by step %d)", worst, self.skipped, self.step)
+        if worst >= k:
+            raise SraError(f"stopping: {k} consecutive non-finite steps reached by step {self.step} "
+                           f"(lower the learning rate, or use bf16 instead of fp16)")
+
+    def _finish(self) -> None:
+        """After the last step: final grid and curves, the replica check, the digits metric."""
+        acc = self.accelerator
+        if acc.is_main_process:
+            final_grid = self.run_dir / "samples" / f"step-{self.step:07d}.png"
+            if not final_grid.is_file():
+                self.monitor.snapshot(self.ema, self.step, self.cfg.exp_name)
+            else:
+                self.monitor.curves(self.cfg.exp_name)
+        self.check_replicas()
+        if acc.is_main_process and self._evaluates_digits() and not self._evaluated():
+            self.monitor.evaluate_digits(self.ema, self.step)
+        acc.wait_for_everyone()
+        acc.end_training()
+
+    def _evaluated(self) -> bool:
+        """Whether ``eval_digits.json`` already holds this step's metric (a rerun of a complete run)."""
+        from sra.training.monitor import EVAL_DIGITS_FILE
+
+        try:
+            return json.loads((self.run_dir / EVAL_DIGITS_FILE).read_text())["step"] == self.step
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
 
     def check_replicas(self) -> list[float]:
         """Every process must hold the same EMA (the teacher); a checksum per rank is compared
@@ -449,63 +474,30 @@ class Trainer:
         total = torch.stack([p.detach().double().sum() for p in self.ema.parameters()]).sum()
         sums = acc.gather(total.reshape(1)).tolist()
         if acc.is_main_process:
-            (self.run_dir / "replicas.json").write_text(json.dumps({"ema_checksums": sums}))
+            atomic_write_json(self.run_dir / "replicas.json",
+                              {"ema_checksums": sums, "world_size": acc.num_processes})
         if max(sums) != min(sums):
             raise RuntimeError(f"EMA weights differ across processes: {sums}")
         return sums
 
-    def _monitor(self, tag: str) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        from sra.viz.curves import plot_curves
 
-        grid = self.sample_grid(tag)
-        curves = plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png",
-                             title=self.cfg.exp_name) if (self.run_dir / "metrics.jsonl").exists() else None
-        log.info("wrote %s%s", grid, f" and {curves}" if curves else "")
+class _Timer:
+    """Steps/s and images/s over the log window (wall clock)."""
 
+    def __init__(self) -> None:
+        import time
 
-# -- small utilities -------------------------------------------------------------------------------
-def _any(acc, flag: bool) -> bool:
-    if acc.num_processes == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=acc.device)
-    return bool(acc.reduce(t, reduction="sum").item() > 0)
+        self._clock = time.perf_counter
+        self.t = self._clock()
 
-
-def _reduce_mean(acc, rec: dict) -> dict:
-    if acc.num_processes == 1:
-        return rec
-    keys = sorted(k for k, v in rec.items() if isinstance(v, float) and k not in ("step", "lr"))
-    t = torch.tensor([rec[k] for k in keys], device=acc.device, dtype=torch.float64)
-    t = acc.reduce(t, reduction="mean")
-    return dict(rec, **{k: float(v) for k, v in zip(keys, t.tolist())})
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records after ``step``: a killed run may have logged past its last checkpoint, and
-    the resumed run logs those steps again (a fresh run starts an empty file)."""
-    if not path.exists():
-        return
-    from sra.viz.curves import read_jsonl
-
-    keep = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-    os.replace(tmp, path)
+    def rates(self, steps: int, global_batch: int) -> dict[str, float]:
+        now = self._clock()
+        dt, self.t = max(now - self.t, 1e-9), now
+        return {"steps_per_s": steps / dt, "images_per_s": steps * global_batch / dt}
 
 
 def _setup_file_logging(path: Path) -> None:
+    """Everything to ``log.txt``; warnings also to the console (tqdm owns the rest of it)."""
     root = logging.getLogger("sra")
     root.setLevel(logging.INFO)
     if not any(isinstance(h, logging.FileHandler) and h.baseFilename == str(path.resolve())
@@ -513,6 +505,12 @@ def _setup_file_logging(path: Path) -> None:
         fh = logging.FileHandler(path)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         root.addHandler(fh)
+    if not any(getattr(h, "_sra_console", False) for h in root.handlers):
+        console = logging.StreamHandler()
+        console.setLevel(logging.WARNING)
+        console.setFormatter(logging.Formatter("sra: %(levelname)s: %(message)s"))
+        console._sra_console = True
+        root.addHandler(console)
 
 
 def train(cfg: TrainConfig, resume: str | None = None) -> Path:

@@ -11,14 +11,21 @@ PANELS = (("loss", "total loss"), ("denoise", "denoising loss"), ("align", "alig
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """Records of a JSON-lines file (a torn last line from a killed run is ignored)."""
+    """Records of a JSON-lines file. Only a torn *last* line (a run killed mid-write leaves one,
+    without its newline) is skipped; any other unreadable line is an error naming it."""
+    from sra.errors import SraError
+
+    lines = Path(path).read_text().splitlines(keepends=True)
     rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if i == len(lines) - 1 and not line.endswith("\n"):
+                break  # torn by a kill
+            raise SraError(f"{path}: line {i + 1} is not JSON ({exc.msg})") from None
     return rows
 
 

@@ -1,0 +1,151 @@
+"""The loop's bookkeeping, kept on the device between log steps.
+
+A training step must not wait for the accelerator: nothing in it may read a tensor's value on
+the host (``.item()``, ``bool()``, ``float()``, ``.tolist()``). So the per-step statistics, the
+count of skipped (non-finite) steps and the stop flag are accumulated as device tensors here
+and read only at log or checkpoint steps, where the loop syncs anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import torch
+
+from sra.atomic import atomic_write_text
+
+
+class StatsWindow:
+    """Sums of the logged statistics of the finite steps since the last read (on the device)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count: torch.Tensor | None = None
+        self.steps = 0
+
+    def add(self, stats: dict[str, torch.Tensor], finite: torch.Tensor) -> None:
+        """Add one step's scalar tensors; a non-finite step contributes nothing (``where``, not
+        ``·0``: NaN·0 is NaN)."""
+        for k, v in stats.items():
+            v = torch.where(finite, v.detach().float(), 0.0)
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        f = finite.to(torch.float32)
+        self.count = f if self.count is None else self.count + f
+        self.steps += 1
+
+    def read(self) -> dict[str, float]:
+        """Means over the finite steps, as host floats (a host–device sync), and reset."""
+        if self.count is None:
+            return {}
+        keys = sorted(self.sums)
+        values = torch.stack([self.sums[k] for k in keys] + [self.count]).tolist()  # sync point
+        n = values.pop()
+        out = {k: (v / n if n > 0 else float("nan")) for k, v in zip(keys, values)}
+        self.__init__()
+        return out
+
+
+class NonFiniteGuard:
+    """Counts skipped steps and the longest run of consecutive ones, on the device."""
+
+    def __init__(self, device: torch.device, skipped: int = 0) -> None:
+        self.skipped = torch.tensor(skipped, dtype=torch.int64, device=device)
+        self.consecutive = torch.zeros((), dtype=torch.int64, device=device)
+        self.worst = torch.zeros((), dtype=torch.int64, device=device)  # since the last read
+
+    def update(self, finite: torch.Tensor) -> None:
+        bad = (~finite).to(torch.int64)
+        self.skipped += bad
+        self.consecutive = (self.consecutive + 1) * bad  # reset to 0 by a finite step
+        self.worst = torch.maximum(self.worst, self.consecutive)
+
+    def read(self) -> tuple[int, int]:
+        """(skipped in all, longest consecutive run since the last read) — a sync point."""
+        skipped, worst = torch.stack([self.skipped, self.worst]).tolist()
+        self.worst = self.consecutive.clone()  # a run still going on carries over
+        return int(skipped), int(worst)
+
+
+class StopFlag:
+    """SIGTERM/SIGINT ask for a clean stop: the loop checks at its next log or checkpoint step,
+    writes a checkpoint and exits."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside a test runner thread)
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+
+def any_process(acc, flag: bool) -> bool:
+    """True on every process if ``flag`` is true on any (an all-reduce: call only at sync points)."""
+    if acc.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=acc.device)
+    return bool(acc.reduce(t, reduction="sum").item() > 0)
+
+
+def min_over_processes(acc, value: int) -> int:
+    """The smallest ``value`` over all processes, on every process (a gather: sync points only)."""
+    if acc.num_processes == 1:
+        return value
+    t = torch.tensor([value], device=acc.device, dtype=torch.int64)
+    return int(min(acc.gather(t).tolist()))
+
+
+def reduce_mean(acc, rec: dict) -> dict:
+    """Average the float entries of a log record over processes (``step``/``lr`` excepted)."""
+    if acc.num_processes == 1:
+        return rec
+    keys = sorted(k for k, v in rec.items() if isinstance(v, float) and k not in ("step", "lr"))
+    t = torch.tensor([rec[k] for k in keys], device=acc.device, dtype=torch.float64)
+    t = acc.reduce(t, reduction="mean")
+    return dict(rec, **{k: float(v) for k, v in zip(keys, t.tolist())})
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}`` (for trackers that take flat configs)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the records logged after ``step`` (a killed run may have logged past its last
+    checkpoint; the resumed run logs those steps again). Every other line is kept verbatim; a
+    torn last line (the kill hit mid-write) is the only line that may go."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = []
+    for i, line in enumerate(lines):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1 and not line.endswith("\n"):
+                continue  # torn by the kill
+            keep.append(line)  # not ours to judge: keep it
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] > step:
+            continue
+        keep.append(line if line.endswith("\n") else line + "\n")
+    atomic_write_text(path, "".join(keep))

@@ -1,0 +1,140 @@
+"""What a run shows about itself: EMA sample grids, the loss curves, and the digits metric.
+
+Everything here runs on the main process between optimizer steps, from the EMA weights, and
+never touches the training RNG stream (sampling uses its own generators).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from sra.data.base import DataInfo
+from sra.errors import SraError
+from sra.models import ModelConfig
+from sra.sampling import SamplerConfig, generate
+
+log = logging.getLogger("sra.train")
+
+GRID_MIN_CELL = 64  # pixels: grid cells are enlarged (nearest) to at least this size
+GRID_SEED = 1234  # fixed noise and labels: grids of one run are comparable across steps
+EVAL_SEED = 4321
+SAMPLE_BATCH = 256
+METRICS_FILE = "metrics.jsonl"
+EVAL_DIGITS_FILE = "eval_digits.json"
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """How the run looks at its own EMA."""
+
+    grid_samples: int
+    grid_sampler: SamplerConfig
+    eval_samples: int  # digits metric samples (0: off)
+    vae: str  # decodes latent grids (hub id or folder)
+
+
+class Monitor:
+    """Sample grids, curves and the digits evaluation of one run directory."""
+
+    def __init__(self, run_dir: Path, cfg: MonitorConfig, model_cfg: ModelConfig, info: DataInfo,
+                 path_type: str, device: torch.device, autocast) -> None:
+        self.run_dir, self.cfg, self.model_cfg, self.info = run_dir, cfg, model_cfg, info
+        self.device, self.autocast = device, autocast
+        s = cfg.grid_sampler
+        if model_cfg.family == "DiT" and s.mode not in ("ddpm", "ddim"):
+            s = replace(s, mode="ddpm")
+        self.sampler = replace(s, path_type=path_type)
+        self._decoder = None
+        self._latent_preview = False  # the VAE could not be loaded: show latent channels
+
+    # -- samples --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def ema_samples(self, ema: nn.Module, n: int, seed: int,
+                    labels: torch.Tensor | None = None) -> torch.Tensor:
+        """n EMA samples decoded to images in [-1, 1], (n, C, H, W); labels cycle the classes."""
+        m = self.model_cfg
+        g = torch.Generator().manual_seed(seed)
+        noise = torch.randn(n, m.in_channels, m.input_size, m.input_size, generator=g)
+        if labels is None:
+            labels = torch.arange(n) % m.num_classes
+        out = []
+        for i in range(0, n, SAMPLE_BATCH):
+            gen = torch.Generator(self.device).manual_seed(seed + i)
+            with self.autocast():
+                z = generate(ema, noise[i:i + SAMPLE_BATCH].to(self.device),
+                             labels[i:i + SAMPLE_BATCH].to(self.device), self.sampler, generator=gen)
+            out.append(z.float().cpu())
+        return self._decode(torch.cat(out))
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Model outputs → images in [-1, 1]. Latents go through the VAE when it loads; when it
+        cannot be loaded (no weights offline) the first 3 latent channels are shown instead.
+        Only the *loading* may fall back: an error while decoding is a real error."""
+        from sra.sampling.decode import ImageDecoder
+
+        if self._decoder is None and not self._latent_preview:
+            decoder = ImageDecoder(self.info, vae=self.cfg.vae, device=self.device)
+            try:
+                self._decoder = decoder.load()
+            except SraError as exc:  # load_vae reports every loading failure as one SraError
+                log.warning("%s; sample grids show latent channels instead", exc)
+                self._latent_preview = True
+        if self._latent_preview:
+            z = z[:, :3].float()
+            lo = z.amin(dim=(1, 2, 3), keepdim=True)
+            hi = z.amax(dim=(1, 2, 3), keepdim=True)
+            return (z - lo) / (hi - lo).clamp_min(1e-8) * 2 - 1
+        return self._decoder.decode_float(z).clamp(-1, 1).cpu()
+
+    # -- outputs --------------------------------------------------------------------------------
+    def grid(self, ema: nn.Module, tag: str) -> Path | None:
+        """``samples/TAG.png``: an EMA sample grid with fixed noise and labels (None if off)."""
+        from sra.viz.grid import save_grid
+
+        n = self.cfg.grid_samples
+        if n < 1:
+            return None
+        images = self.ema_samples(ema, n, seed=GRID_SEED)
+        if images.shape[-1] < GRID_MIN_CELL:  # tiny images (digits): enlarge for viewing
+            factor = math.ceil(GRID_MIN_CELL / images.shape[-1])
+            images = torch.nn.functional.interpolate(images, scale_factor=factor, mode="nearest")
+        return save_grid(images, self.run_dir / "samples" / f"{tag}.png",
+                         nrow=int(math.ceil(math.sqrt(n))))
+
+    def curves(self, title: str) -> Path | None:
+        """``curves.png`` from ``metrics.jsonl`` (None before anything was logged)."""
+        from sra.viz.curves import plot_curves
+
+        metrics = self.run_dir / METRICS_FILE
+        return plot_curves(metrics, self.run_dir / "curves.png", title=title) if metrics.exists() else None
+
+    def snapshot(self, ema: nn.Module, step: int, title: str) -> None:
+        """Grid and curves at ``step``."""
+        grid = self.grid(ema, f"step-{step:07d}")
+        curves = self.curves(title)
+        wrote = [str(p) for p in (grid, curves) if p is not None]
+        if wrote:
+            log.info("wrote %s", " and ".join(wrote))
+
+    def evaluate_digits(self, ema: nn.Module, step: int) -> dict | None:
+        """Digit-classifier FD and class accuracy of EMA samples → ``eval_digits.json``."""
+        from sra.eval.digits import digits_metrics
+        from sra.atomic import atomic_write_text
+
+        n = self.cfg.eval_samples
+        if n < 1:
+            return None
+        labels = torch.arange(n) % self.model_cfg.num_classes
+        images = self.ema_samples(ema, n, seed=EVAL_SEED, labels=labels)
+        metrics = digits_metrics(images, labels)
+        atomic_write_text(self.run_dir / EVAL_DIGITS_FILE,
+                          json.dumps({"step": step, "num_samples": n, **metrics}, indent=2))
+        log.info("digits metric of EMA samples: %s", json.dumps(metrics))
+        return metrics
