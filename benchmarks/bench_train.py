@@ -178,10 +178,17 @@ def build_path(kind: str, base: nn.Module, case: TrainCase, device: torch.device
         with ctx:
             out = objective(forward_model, teacher, x0, y, i)
         out.total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
-        opt.step()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+        if release:
+            opt.step()
+            ema_fn(ema, model, EMA_DECAY)
+        else:  # as the loop: a non-finite step is skipped on the device (no host sync)
+            finite = torch.isfinite(grad_norm)
+            opt.found_inf = (~finite).to(torch.float32)
+            opt.step()
+            del opt.found_inf
+            ema_fn(ema, model, EMA_DECAY, apply=finite)
         opt.zero_grad(set_to_none=True)
-        ema_fn(ema, model, EMA_DECAY)
         return out.total.detach(), out.denoise, out.align
 
     def state_bytes() -> int:

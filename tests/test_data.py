@@ -411,7 +411,9 @@ def test_release_reader_bad_input(tmp_path):
         build_dataset(str(root))
     with pytest.raises(SraError, match="not found; allowed: 'digits'"):
         build_dataset(str(tmp_path / "missing"))
-    assert build_dataset("digits", resolution=256).info.kind == "pixels"
+    assert build_dataset("digits", resolution=16).info.kind == "pixels"
+    with pytest.raises(SraError, match="the digits are 16x16 pixels, but --resolution is 256"):
+        build_dataset("digits", resolution=256)
 
 
 def test_cli_preprocess_end_to_end(tmp_path, data_tiny_vae, capsys):

@@ -218,12 +218,12 @@ def _one_torch_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def inception_weights(tmp_path_factory) -> str:
     return str(save_random_inception_weights(tmp_path_factory.mktemp("inception") / "random.pth", seed=0))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def inception(inception_weights) -> InceptionFeatures:
     return InceptionFeatures(inception_weights, device="cpu")
 
@@ -431,19 +431,28 @@ def test_cli_eval_table_and_errors(tmp_path, inception_weights, capsys, fast_sqr
 # ----------------------------------------------------------------------------- digits metric
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def digits_cache(tmp_path_factory):
-    """Train the digit classifier once into a temporary SRA_CACHE_DIR."""
+    """Train the digit classifier once for this module into its own cache folder.
+
+    Nothing is shared with other modules, and SRA_CACHE_DIR is not left pointing here: a test that
+    wants this cache through the default path sets the variable itself (conftest gives every test
+    its own empty cache dir).
+    """
     from sra.eval import digits as D
 
-    mp = pytest.MonkeyPatch()
-    cache = tmp_path_factory.mktemp("sra_cache")
-    mp.setenv(D.CACHE_ENV, str(cache))
+    cache = tmp_path_factory.mktemp("digits-cache")
     t0 = time.perf_counter()
-    clf = D.load_digits_classifier()
-    seconds = time.perf_counter() - t0
-    yield {"dir": cache, "clf": clf, "seconds": seconds}
-    mp.undo()
+    clf = D.load_digits_classifier(cache / D.CLASSIFIER_FILE)
+    return {"dir": cache, "path": cache / D.CLASSIFIER_FILE, "clf": clf, "seconds": time.perf_counter() - t0}
+
+
+def _use_cache(monkeypatch, digits_cache) -> None:
+    """Point SRA_CACHE_DIR at the module's trained cache and forbid any retraining."""
+    from sra.eval import digits as D
+
+    monkeypatch.setenv(D.CACHE_ENV, str(digits_cache["dir"]))
+    monkeypatch.setattr(D, "train_digits_classifier", lambda *a, **k: pytest.fail("retrained despite cache"))
 
 
 def test_digits_classifier_trains_caches_and_reloads(digits_cache, monkeypatch):
@@ -451,14 +460,68 @@ def test_digits_classifier_trains_caches_and_reloads(digits_cache, monkeypatch):
 
     clf = digits_cache["clf"]
     assert clf.test_acc > D.MIN_TEST_ACC
-    path = digits_cache["dir"] / D.CLASSIFIER_FILE
-    assert path.is_file() and D.default_classifier_path() == path
-    monkeypatch.setattr(D, "train_digits_classifier", lambda *a, **k: pytest.fail("retrained despite cache"))
+    path = digits_cache["path"]
+    assert path.is_file() and not [f for f in digits_cache["dir"].iterdir() if f != path]  # no temp left
+    _use_cache(monkeypatch, digits_cache)
+    assert D.default_classifier_path() == path
     again = D.load_digits_classifier()
     assert again.test_acc == pytest.approx(clf.test_acc)
     x = torch.rand(5, 1, 16, 16) * 2 - 1
     torch.testing.assert_close(again(x), clf(x))
     torch.testing.assert_close(again.ref_sigma, clf.ref_sigma)
+
+
+def test_digits_metrics_trains_under_no_grad_with_empty_cache(tmp_path, monkeypatch):
+    """The first evaluation often runs inside no_grad/inference_mode: training must still work."""
+    from sra.data.digits import load_digits_arrays
+    from sra.eval import digits as D
+
+    monkeypatch.setenv(D.CACHE_ENV, str(tmp_path))
+    images, labels = load_digits_arrays()
+    x, y = torch.from_numpy(images[:200]), torch.from_numpy(labels[:200])
+    with torch.no_grad():
+        first = D.digits_metrics(x, y)
+    assert np.isfinite(first["fd"]) and np.isfinite(first["acc"]) and first["acc"] > 0.9
+    assert [f.name for f in tmp_path.iterdir()] == [D.CLASSIFIER_FILE]  # cached, no temp file left
+    assert torch.is_grad_enabled()  # the caller's grad mode is untouched afterwards
+
+    monkeypatch.setattr(D, "train_digits_classifier", lambda *a, **k: pytest.fail("retrained despite cache"))
+    with torch.inference_mode():
+        again = D.digits_metrics(x, y)
+    assert again == first
+
+
+def test_corrupt_cached_classifier_is_retrained_with_a_warning(tmp_path, monkeypatch, digits_cache):
+    from safetensors.torch import save_file
+
+    from sra.eval import digits as D
+
+    monkeypatch.setenv(D.CACHE_ENV, str(tmp_path))
+    path = tmp_path / D.CLASSIFIER_FILE
+    good = digits_cache["path"].read_bytes()
+    calls = []
+
+    def fake_train(*a, **k):  # the module's classifier stands in for a (slow) retraining
+        calls.append(1)
+        return digits_cache["clf"]
+
+    monkeypatch.setattr(D, "train_digits_classifier", fake_train)
+    x = torch.rand(4, 1, 16, 16) * 2 - 1
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    for damaged in (np.random.default_rng(0).bytes(4096), good[: len(good) // 2], foreign.read_bytes()):
+        path.write_bytes(damaged)
+        with pytest.warns(RuntimeWarning, match="unusable.*retraining"):
+            D.digits_metrics(x)
+        reread = D.load_digits_classifier(train_if_missing=False)  # overwritten by the retrained one
+        torch.testing.assert_close(reread.ref_sigma, digits_cache["clf"].ref_sigma)
+        assert sorted(f.name for f in tmp_path.iterdir()) == sorted([D.CLASSIFIER_FILE, foreign.name])
+    assert len(calls) == 3
+    # without permission to train, a damaged cache is one SraError line naming the file
+    path.write_bytes(b"garbage")
+    with pytest.raises(SraError, match=f"{path.name} is not a digit classifier") as err:
+        D.load_digits_classifier(train_if_missing=False)
+    assert "\n" not in str(err.value)
 
 
 def test_digits_metrics_separate_real_from_noise(digits_cache):
@@ -482,7 +545,7 @@ def test_digits_metrics_separate_real_from_noise(digits_cache):
         digits_metrics(torch.from_numpy(images[:10]), torch.from_numpy(labels[:9]), classifier=clf)
 
 
-def test_digits_accepts_npz_layouts_and_cli(digits_cache, tmp_path, capsys):
+def test_digits_accepts_npz_layouts_and_cli(digits_cache, tmp_path, capsys, monkeypatch):
     from sra.data.digits import load_digits_arrays
     from sra.eval.digits import digits_metrics
 
@@ -496,6 +559,7 @@ def test_digits_accepts_npz_layouts_and_cli(digits_cache, tmp_path, capsys):
         assert got["fd"] == pytest.approx(ref["fd"], rel=1e-6, abs=1e-8) and got["acc"] == ref["acc"]
 
     np.savez(tmp_path / "digits.npz", arr_0=np.repeat(u8, 3, -1), labels=labels)
+    _use_cache(monkeypatch, digits_cache)  # the CLI reads the classifier from the default path
     assert cli_main(["eval", "--digits", str(tmp_path / "digits.npz"), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "Digits FD" in out and "Digits class acc." in out

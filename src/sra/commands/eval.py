@@ -27,8 +27,9 @@ def register(subparsers) -> None:
     p.add_argument("--digits", action="store_true",
                    help="digits metric (classifier Frechet distance + class accuracy) instead of Inception")
     p.add_argument("--inception-weights", default=None,
-                   help="Inception-v3 state dict: a local .pth or a URL "
-                        "(default: torch-fidelity's port of the TF 2015-12-05 graph)")
+                   help="Inception-v3 state dict: a local .pth/.pt or .safetensors file, or a URL "
+                        "(default: torch-fidelity's port of the TF 2015-12-05 graph); read as tensors "
+                        "only, never as pickled code")
     p.add_argument("--batch-size", type=int, default=100,
                    help="images per Inception forward pass (default: %(default)s)")
     p.add_argument("--device", default=None,

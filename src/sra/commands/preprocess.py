@@ -49,7 +49,9 @@ def register(subparsers) -> None:
         "images", formatter_class=fmt, help="image tree/ZIP → ADM center-cropped PNGs (images/ layout)",
         description="Crop a class-per-folder image tree (ImageNet train/) or a ZIP with the ADM "
         "center crop and write the edm2/release images layout (folder or .zip, with dataset.json; "
-        "classes indexed in sorted folder order). A folder output resumes after an interruption.",
+        "classes indexed in sorted folder order). A folder output resumes after an interruption. "
+        "Every run leaves a JSON report naming each skipped input (with its reason), each upscaled "
+        "input and each non-image file: DEST/preprocess_report.json, or DEST.report.json beside a ZIP.",
     )
     p.add_argument("--source", required=True, help="input folder (one subfolder per class) or .zip")
     p.add_argument("--dest", required=True, help="output folder, or a path ending in .zip")
@@ -129,7 +131,8 @@ def run_images(args: argparse.Namespace) -> int:
     print(json.dumps({
         "dest": report.dest, "inputs": report.total, "written": report.written,
         "reused": report.reused, "skipped": len(report.skipped), "upscaled": len(report.upscaled),
-        "num_classes": report.num_classes,
+        "not_images": len(report.not_images), "num_classes": report.num_classes,
+        "report": report.report_path,
     }))
     return 0
 

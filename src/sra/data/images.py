@@ -9,6 +9,11 @@ File number = position of the input in the sorted listing (as edm2 numbers them)
 corrupt input leaves a gap and every written file keeps its own label. PNGs are uncompressed by
 default (fast to decode, like the release). A folder output resumes: files already written are
 kept; a ZIP output is written to ``<dest>.partial`` and renamed when complete.
+
+Every run leaves a report (``DEST/preprocess_report.json``, or ``DEST.report.json`` beside a ZIP):
+each skipped input with its reason, each upscaled input, and each file of the source that is not
+an image (listed, never read). It is written atomically, also when a run fails or is interrupted
+(then with ``"complete": false``); a resumed folder run carries over what it knows of kept files.
 """
 
 from __future__ import annotations
@@ -18,13 +23,15 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import re
 import zipfile
 from dataclasses import dataclass, field
 
 from PIL import Image
 
+from sra.atomic import atomic_write_json
 from sra.data.crop import adm_center_crop
-from sra.data.sources import LABELS_FILE, ImageSource, open_image_source
+from sra.data.sources import LABELS_FILE, ImageSource, image_extensions, open_image_source
 from sra.errors import SraError, check_choice
 
 log = logging.getLogger("sra.data")
@@ -32,6 +39,8 @@ log = logging.getLogger("sra.data")
 VAE_DOWNSAMPLE = 8  # SD-VAE latent = image / 8: resolutions must be multiples of it
 SMALL_POLICIES = ("upscale", "skip")  # images whose short side < resolution
 DEFAULT_PNG_COMPRESS = 0  # uncompressed, as the release (decoding speed over disk size)
+REPORT_FILE = "preprocess_report.json"  # in a folder --dest
+REPORT_VERSION = 1
 
 
 def image_name(index: int) -> str:
@@ -73,6 +82,82 @@ class ImagesReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (input name, reason)
     upscaled: list[str] = field(default_factory=list)  # inputs smaller than the resolution
     num_classes: int = 1
+    not_images: list[str] = field(default_factory=list)  # source files without an image extension
+    report_path: str | None = None  # where the JSON report was written
+
+
+def report_path(dest: str) -> str:
+    """Where the report of a run writing to ``dest`` goes: inside a folder, beside a ZIP."""
+    if dest.lower().endswith(".zip"):
+        return dest + ".report.json"
+    return os.path.join(dest, REPORT_FILE)
+
+
+def list_non_images(path: str) -> list[str]:
+    """Relative POSIX paths of the files in a source folder/ZIP that the image listing leaves out
+    (no image extension), except the root ``dataset.json``. Sorted; nothing is opened."""
+    exts = image_extensions()
+
+    def other(name: str) -> bool:
+        return name != LABELS_FILE and os.path.splitext(name)[1].lower() not in exts
+
+    if os.path.isdir(path):
+        found, stack = [], [path]
+        while stack:
+            with os.scandir(stack.pop()) as it:
+                for entry in it:
+                    if entry.is_dir(follow_symlinks=True):
+                        stack.append(entry.path)
+                    else:
+                        rel = os.path.relpath(entry.path, path).replace(os.sep, "/")
+                        if other(rel):
+                            found.append(rel)
+        return sorted(found)
+    with zipfile.ZipFile(path) as zf:
+        return sorted(n for n in zf.namelist() if not n.endswith("/") and other(n))
+
+
+def _report_dict(report: ImagesReport, cfg: ImagesConfig, complete: bool) -> dict:
+    return {
+        "version": REPORT_VERSION,
+        "complete": complete,
+        "source": cfg.source,
+        "dest": cfg.dest,
+        "resolution": cfg.resolution,
+        "small": cfg.small,
+        "inputs": report.total,
+        "written": report.written,
+        "reused": report.reused,
+        "skipped_count": len(report.skipped),
+        "upscaled_count": len(report.upscaled),
+        "not_images_count": len(report.not_images),
+        "skipped": [{"input": name, "reason": reason} for name, reason in report.skipped],
+        "upscaled": list(report.upscaled),
+        "not_images": [{"file": name, "reason": "not an image (no image file extension); ignored"}
+                       for name in report.not_images],
+    }
+
+
+def _write_report(report: ImagesReport, cfg: ImagesConfig, complete: bool) -> str | None:
+    """Write the JSON report atomically; a failure to write it only costs a warning."""
+    path = report_path(cfg.dest)
+    try:
+        atomic_write_json(path, _report_dict(report, cfg, complete))
+    except OSError as exc:
+        log.warning("could not write the preprocessing report %s: %s", path, exc)
+        return None
+    report.report_path = path
+    return path
+
+
+def _previous_upscaled(dest: str, kept: set[str]) -> list[str]:
+    """Upscaled inputs among ``kept`` (names reused from an earlier run), from its report."""
+    try:
+        with open(report_path(dest), encoding="utf-8") as f:
+            old = json.load(f)
+        return [n for n in old.get("upscaled", []) if isinstance(n, str) and n in kept]
+    except (OSError, ValueError, AttributeError):
+        return []  # no (readable) earlier report: kept files count as not upscaled
 
 
 def load_and_crop(
@@ -82,7 +167,9 @@ def load_and_crop(
     try:
         image = source.read(i)
     except Exception as exc:  # any decoder failure is a skip, never a dead run
-        return None, f"unreadable ({type(exc).__name__}: {exc})", False
+        # PIL names the in-memory buffer ("<_io.BytesIO object at 0x…>"): noise in a report
+        detail = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(exc))
+        return None, f"unreadable ({type(exc).__name__}: {detail})", False
     small_input = min(image.size) < resolution
     if small_input and small == "skip":
         return None, f"smaller than {resolution}px ({image.width}x{image.height})", True
@@ -172,9 +259,14 @@ def preprocess_images(cfg: ImagesConfig) -> ImagesReport:
     for i in range(len(source)):
         (done if sink.exists(names[i]) else pending).append(i)
     report = ImagesReport(dest=cfg.dest, total=len(source), written=0, reused=len(done),
-                          num_classes=source.num_classes)
+                          num_classes=source.num_classes, not_images=list_non_images(cfg.source))
+    if report.not_images:  # one line, not one per file: a tree may hold thousands of them
+        log.warning("%d file(s) in %s are not images and are ignored (e.g. %s); all are listed in %s",
+                    len(report.not_images), cfg.source, ", ".join(report.not_images[:3]),
+                    report_path(cfg.dest))
     if done:
         log.info("resuming: %d of %d images already written", len(done), len(source))
+        report.upscaled.extend(_previous_upscaled(cfg.dest, {source.names[i] for i in done}))
     written = set(done)
 
     from tqdm import tqdm
@@ -208,6 +300,8 @@ def preprocess_images(cfg: ImagesConfig) -> ImagesReport:
         if to_zip:  # a half-written ZIP is useless; a folder keeps its finished files
             sink.zf.close()  # type: ignore[union-attr]
             os.remove(sink.tmp)  # type: ignore[union-attr]
+        report.written = len(written) if not to_zip else 0
+        _write_report(report, cfg, complete=False)  # what is known so far, for the next run
         raise
     finally:
         bar.close()
@@ -216,16 +310,23 @@ def preprocess_images(cfg: ImagesConfig) -> ImagesReport:
         if to_zip:
             sink.zf.close()  # type: ignore[union-attr]
             os.remove(sink.tmp)  # type: ignore[union-attr]
+        where = _write_report(report, cfg, complete=False)
         raise SraError(f"none of the {len(source)} images in {cfg.source} could be used "
-                       f"(first problem: {report.skipped[0][0]}: {report.skipped[0][1]})")
+                       f"(first problem: {report.skipped[0][0]}: {report.skipped[0][1]})"
+                       + (f"; every input is listed in {where}" if where else ""))
     order = sorted(written)
     labels = None if source.labels is None else [[names[i], int(source.labels[i])] for i in order]
     sink.write(LABELS_FILE, json.dumps({"labels": labels}).encode())
     sink.close()
     report.written = len(order)
+    report.upscaled.sort()  # kept (earlier run) and new ones merged: back to listing order
     if report.upscaled:
         log.info("%d images were smaller than %dpx and were upscaled (ADM behaviour)",
                  len(report.upscaled), cfg.resolution)
     if report.skipped:
         log.warning("%d of %d images skipped", len(report.skipped), len(source))
+    where = _write_report(report, cfg, complete=True)
+    log.info("wrote %d of %d images to %s (%d skipped, %d upscaled, %d non-image files ignored); "
+             "report: %s", report.written, report.total, cfg.dest, len(report.skipped),
+             len(report.upscaled), len(report.not_images), where or "not written")
     return report

@@ -56,6 +56,7 @@ def cache_dir() -> Path:
 
 
 def default_classifier_path() -> Path:
+    """Where the digit classifier is cached: ``cache_dir() / CLASSIFIER_FILE``."""
     return cache_dir() / CLASSIFIER_FILE
 
 
@@ -120,7 +121,15 @@ def train_digits_classifier(
 
     Holds out ``cfg.test_fraction`` of the digits (stratified permutation) to measure its accuracy
     (``model.test_acc``), then stores the feature statistics of all real digits in the model.
+    Gradients are switched on here, whatever the caller's context: the first evaluation may well
+    happen under ``torch.no_grad()`` or ``torch.inference_mode()`` (e.g. inside a sampling loop).
     """
+    with torch.inference_mode(False), torch.enable_grad():
+        return _train(cfg, progress)
+
+
+def _train(cfg: DigitsClassifierConfig, progress: bool) -> DigitsClassifier:
+    """:func:`train_digits_classifier` proper (gradients already enabled by the caller)."""
     images, labels = load_digits_arrays()
     x = quantize(torch.from_numpy(images))  # (N, 1, 16, 16)
     y = torch.from_numpy(labels)
@@ -179,7 +188,7 @@ def save_digits_classifier(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"config": json.dumps(asdict(cfg)), "test_acc": repr(model.test_acc)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp, metadata=meta)
@@ -190,38 +199,57 @@ def save_digits_classifier(
     return path
 
 
-def load_digits_classifier(
-    path: str | os.PathLike | None = None, *, train_if_missing: bool = True, progress: bool = False
-) -> DigitsClassifier:
-    """The cached classifier (CPU, eval mode); trained and cached first if the file is missing."""
-    from safetensors import safe_open
+class _UnusableCache(Exception):
+    """The cached classifier file cannot be used (message: why)."""
+
+
+def _read_classifier(path: Path) -> DigitsClassifier:
+    """Load a cached classifier; raise :class:`_UnusableCache` for a damaged or foreign file."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    path = Path(path) if path is not None else default_classifier_path()
-    if not path.is_file():
-        if not train_if_missing:
-            raise SraError(f"digit classifier not found: {path}")
-        cfg = DigitsClassifierConfig()
-        model = train_digits_classifier(cfg, progress=progress)
-        if model.test_acc < MIN_TEST_ACC:
-            raise RuntimeError(f"digit classifier reached only {model.test_acc:.3f} held-out accuracy")
-        try:
-            save_digits_classifier(model, path, cfg)
-        except OSError as exc:  # an unwritable cache must not stop an evaluation
-            warnings.warn(f"could not cache the digit classifier at {path}: {exc}", RuntimeWarning)
-        return model
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
     try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
         cfg = DigitsClassifierConfig(**json.loads(meta["config"]))
         model = DigitsClassifier(cfg)
         model.load_state_dict(load_file(str(path)))
-    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
-        raise SraError(
-            f"{path} is not a digit classifier of this version ({type(exc).__name__}); delete it to retrain"
-        ) from None
-    model.test_acc = float(meta["test_acc"]) if meta.get("test_acc") not in (None, "None") else None
+        test_acc = meta.get("test_acc")
+        model.test_acc = float(test_acc) if test_acc not in (None, "None") else None
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
+        # SafetensorError: truncated/random bytes; the rest: valid safetensors of another layout
+        raise _UnusableCache(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     return model.eval()
+
+
+def load_digits_classifier(
+    path: str | os.PathLike | None = None, *, train_if_missing: bool = True, progress: bool = False
+) -> DigitsClassifier:
+    """The cached classifier (CPU, eval mode).
+
+    A missing cache file is trained and written (atomically); a damaged or foreign one is retrained
+    and overwritten with a warning (it is only a cache). With ``train_if_missing=False`` both raise
+    :class:`SraError` instead.
+    """
+    path = Path(path) if path is not None else default_classifier_path()
+    if path.is_file():
+        try:
+            return _read_classifier(path)
+        except _UnusableCache as exc:
+            if not train_if_missing:
+                raise SraError(f"{path} is not a digit classifier of this version ({exc})") from None
+            warnings.warn(f"cached digit classifier {path} is unusable ({exc}); retraining it", RuntimeWarning)
+    elif not train_if_missing:
+        raise SraError(f"digit classifier not found: {path}")
+    cfg = DigitsClassifierConfig()
+    model = train_digits_classifier(cfg, progress=progress)
+    if model.test_acc < MIN_TEST_ACC:
+        raise RuntimeError(f"digit classifier reached only {model.test_acc:.3f} held-out accuracy")
+    try:
+        save_digits_classifier(model, path, cfg)
+    except OSError as exc:  # an unwritable cache must not stop an evaluation
+        warnings.warn(f"could not cache the digit classifier at {path}: {exc}", RuntimeWarning)
+    return model
 
 
 def digits_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -247,7 +275,6 @@ def digits_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     return x
 
 
-@torch.no_grad()
 def digits_metrics(
     images: torch.Tensor | np.ndarray,
     labels: torch.Tensor | np.ndarray | None = None,
@@ -259,25 +286,29 @@ def digits_metrics(
 
     ``images``: (N, 1, 16, 16) in [-1, 1] (any layout :func:`digits_input` accepts); ``labels``: the
     classes the samples were conditioned on, or None (then ``acc`` is None). Samples are rounded to
-    the uint8 grid first, like the real digits' statistics.
+    the uint8 grid first, like the real digits' statistics. Safe to call under ``torch.no_grad()``:
+    a classifier trained here trains with gradients on; only the forward passes below drop them.
     """
-    model = classifier if classifier is not None else load_digits_classifier()
-    model = model.eval()
-    x = quantize(digits_input(images).cpu())
+    with torch.no_grad():  # inputs may carry grad (e.g. straight from a model); never needed here
+        x = quantize(digits_input(images).detach().cpu())
     if len(x) < 2:
         raise SraError(f"digits metrics need at least 2 samples, got {len(x)}")
-    device = next(model.parameters()).device
-    feats, preds = [], []
-    for i in range(0, len(x), batch_size):
-        h = model.features(x[i : i + batch_size].to(device))
-        feats.append(h.double().cpu())
-        preds.append(model.head(F.relu(h)).argmax(1).cpu())
-    mu, sigma = feature_statistics(torch.cat(feats).numpy())
-    fd = frechet_distance(mu, sigma, model.ref_mu.cpu().numpy(), model.ref_sigma.cpu().numpy())
-    acc = None
+    # Checked before loading: a bad call must not cost a classifier training first.
+    y = None
     if labels is not None:
         y = torch.as_tensor(labels).long().cpu().flatten()
         if len(y) != len(x):
             raise SraError(f"got {len(y)} labels for {len(x)} digit samples")
-        acc = float((torch.cat(preds) == y).float().mean())
+    model = classifier if classifier is not None else load_digits_classifier()
+    model = model.eval()
+    device = next(model.parameters()).device
+    feats, preds = [], []
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            h = model.features(x[i : i + batch_size].to(device))
+            feats.append(h.double().cpu())
+            preds.append(model.head(F.relu(h)).argmax(1).cpu())
+    mu, sigma = feature_statistics(torch.cat(feats).numpy())
+    fd = frechet_distance(mu, sigma, model.ref_mu.cpu().numpy(), model.ref_sigma.cpu().numpy())
+    acc = None if y is None else float((torch.cat(preds) == y).float().mean())
     return {"fd": fd, "acc": acc, "n": len(x)}

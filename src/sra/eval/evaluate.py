@@ -22,6 +22,7 @@ from typing import Iterator
 
 import numpy as np
 
+from sra.atomic import atomic_write_json
 from sra.errors import SraError
 from sra.eval import metrics as M
 
@@ -100,6 +101,70 @@ def _read_npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
 def _npz_keys(path: Path) -> set[str]:
     with zipfile.ZipFile(path) as zf:
         return {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
+
+
+def npz_array_info(path: Path, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of ``key`` in the npz at ``path`` from its header alone (no data is read).
+
+    Raises :class:`SraError` naming the file if the member is missing, its header is unreadable, or
+    its data is shorter than the header promises (a truncated file).
+    """
+    try:
+        with zipfile.ZipFile(path) as zf:
+            info = zf.getinfo(f"{key}.npy")
+            with zf.open(info) as f:
+                shape, _, dtype = _read_npy_header(f)
+                offset = f.tell()
+    except KeyError:
+        raise SraError(f"{path} has no '{key}' array") from None
+    except zipfile.BadZipFile:
+        raise SraError(f"{path} is not an npz file") from None
+    except (ValueError, OSError, EOFError) as exc:
+        raise SraError(f"{path}: cannot read the header of '{key}' ({type(exc).__name__})") from None
+    if dtype.hasobject:
+        raise SraError(f"{path}: '{key}' holds Python objects, not numbers")
+    need = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if info.file_size < need:
+        raise SraError(f"{path}: '{key}' is truncated ({info.file_size} of {need} bytes)")
+    return tuple(shape), dtype
+
+
+def check_images_npz(path: Path | None, what: str) -> tuple[int, ...]:
+    """Validate an ADM image npz without reading its pixels: the file exists and is an npz whose
+    ``arr_0`` is uint8 (N, H, W, 1|3) with N >= 2. Returns the shape; errors name the file."""
+    path = _check_file(path, what)
+    shape, dtype = npz_array_info(path, IMAGES_KEY)
+    if dtype != np.uint8 or len(shape) != 4 or shape[-1] not in (1, 3):
+        raise SraError(
+            f"{what} {path}: '{IMAGES_KEY}' must be uint8 (N, H, W, 3) or (N, H, W, 1) as ADM's npz holds; "
+            f"got {dtype} {shape}"
+        )
+    if shape[0] < 2 or shape[1] < 1 or shape[2] < 1:
+        raise SraError(f"{what} {path}: '{IMAGES_KEY}' needs at least 2 non-empty images, got shape {shape}")
+    return shape
+
+
+def check_reference_npz(path: Path | None, what: str = "reference (--ref)") -> None:
+    """Validate a reference npz up front: ``arr_0`` as :func:`check_images_npz` asks, and/or stored
+    ``mu``/``sigma`` (pool_3) and ``mu_s``/``sigma_s`` (spatial) of the right shapes. A pair missing
+    from the file must be computable from ``arr_0``."""
+    from sra.eval.inception import POOL_DIM, SPATIAL_DIM
+
+    path = _check_file(path, what)
+    keys = _npz_keys(path)
+    has_images = IMAGES_KEY in keys
+    if has_images:
+        check_images_npz(path, what)
+    for (mu_key, sigma_key), dim in ((("mu", "sigma"), POOL_DIM), (("mu_s", "sigma_s"), SPATIAL_DIM)):
+        if mu_key in keys and sigma_key in keys:
+            for key, want in ((mu_key, (dim,)), (sigma_key, (dim, dim))):
+                shape, dtype = npz_array_info(path, key)
+                if shape != want or dtype.kind not in "fi":
+                    raise SraError(f"{what} {path}: '{key}' must be a float array of shape {want}, "
+                                   f"got {dtype} {shape}")
+        elif not has_images:
+            raise SraError(f"{what} {path} holds neither images ('{IMAGES_KEY}') nor the statistics "
+                           f"{mu_key} and {sigma_key}")
 
 
 def to_rgb_uint8(batch: np.ndarray) -> np.ndarray:
@@ -247,10 +312,12 @@ def evaluate_inception(cfg: EvalConfig) -> dict:
     """FID, sFID, Inception Score, precision and recall of ``cfg.samples`` against ``cfg.ref``."""
     from sra.eval.inception import INCEPTION_URL, InceptionFeatures, is_url, resolve_weights, weights_id
 
+    # Both npz files are checked (headers only) before any weights are read or downloaded, so an
+    # offline user with a bad npz hears about the npz, not about the network.
     samples = _check_file(cfg.samples, "samples")
-    if IMAGES_KEY not in _npz_keys(samples):
-        raise SraError(f"samples {samples} have no '{IMAGES_KEY}' array")
+    check_images_npz(samples, "samples")
     ref = _check_file(cfg.ref, "reference (--ref)")
+    check_reference_npz(ref)
     weights = cfg.inception_weights or INCEPTION_URL
     if not is_url(weights):
         resolve_weights(weights)  # a missing local file fails here, before any work
@@ -294,13 +361,37 @@ def evaluate_inception(cfg: EvalConfig) -> dict:
 
 
 def load_digit_samples(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """``arr_0`` images (uint8 or float, NHWC or NCHW) and ``labels`` (or None) from an npz."""
+    """``arr_0`` images (uint8 or float, NHWC or NCHW) and ``labels`` (or None) from an npz.
+
+    Validated before the digit classifier is loaded (or trained): (N, H, W), (N, H, W, 1|3) or
+    (N, 1|3, H, W), N >= 2, uint8 or finite floats; ``labels`` integers, one per image.
+    """
     path = _check_file(path, "samples")
-    with np.load(path) as z:
-        if IMAGES_KEY not in z.files:
-            raise SraError(f"samples {path} have no '{IMAGES_KEY}' array")
-        images = z[IMAGES_KEY]
-        labels = z[LABELS_KEY] if LABELS_KEY in z.files else None
+    shape, dtype = npz_array_info(path, IMAGES_KEY)
+    if not (len(shape) == 3 or (len(shape) == 4 and (shape[-1] in (1, 3) or shape[1] in (1, 3)))):
+        raise SraError(f"samples {path}: '{IMAGES_KEY}' of shape {shape} is not a batch of digit images; "
+                       "expected (N, H, W), (N, H, W, 1|3) or (N, 1|3, H, W)")
+    if dtype != np.uint8 and dtype.kind != "f":
+        raise SraError(f"samples {path}: '{IMAGES_KEY}' must be uint8 in [0, 255] or float in [-1, 1], got {dtype}")
+    if shape[0] < 2 or min(shape[1:]) < 1:
+        raise SraError(f"samples {path}: digits metrics need at least 2 non-empty images, got shape {shape}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            images = z[IMAGES_KEY]
+            labels = z[LABELS_KEY] if LABELS_KEY in z.files else None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise SraError(f"samples {path}: cannot read ({type(exc).__name__})") from None
+    if images.dtype.kind == "f" and not np.isfinite(images).all():
+        raise SraError(f"samples {path}: '{IMAGES_KEY}' holds NaN or infinite values")
+    if labels is not None:
+        if labels.dtype.kind not in "iu" or labels.reshape(-1).shape[0] != shape[0]:
+            raise SraError(f"samples {path}: '{LABELS_KEY}' must hold one integer class per image "
+                           f"({shape[0]}), got {labels.dtype} {labels.shape}")
+        from sra.data.digits import DIGITS_CLASSES
+
+        if labels.size and (labels.min() < 0 or labels.max() >= DIGITS_CLASSES):
+            raise SraError(f"samples {path}: '{LABELS_KEY}' must be digit classes 0..{DIGITS_CLASSES - 1}, "
+                           f"got values in [{labels.min()}, {labels.max()}]")
     return images, labels
 
 
@@ -331,8 +422,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     results = evaluate_digits(cfg) if cfg.digits else evaluate_inception(cfg)
     results["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
     out = Path(cfg.out) if cfg.out is not None else default_out(cfg.samples)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_json(out, results)  # never a torn metrics file, even if killed mid-write
     results["json"] = str(out)
     return results
 

@@ -12,7 +12,10 @@ From one forward pass we read:
   flattened: (N, 7·17·17 = 2023) — sFID.
 
 Weights come from torch-fidelity's URL (downloaded once into the torch hub cache) or a local
-``.pth`` file holding the state dict. Nothing is downloaded at import.
+``.pth``/``.pt`` or ``.safetensors`` file holding the state dict. Nothing is downloaded at import.
+Every weights file, downloaded or not, is read as tensors only (safetensors, or ``torch.load`` with
+``weights_only=True``) and loaded into a network we build ourselves: torch-fidelity's own loader
+unpickles with ``weights_only=False``, so a crafted file handed to it would run code.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import contextlib
 import hashlib
 import io
 import os
+import pickle
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -72,7 +77,8 @@ def resolve_weights(weights: str | os.PathLike = INCEPTION_URL) -> Path:
         path = Path(weights).expanduser()
         if not path.is_file():
             raise SraError(
-                f"Inception weights file not found: {path} (pass a local .pth or a URL to --inception-weights)"
+                f"Inception weights file not found: {path} "
+                "(pass a local .pth/.safetensors file or a URL to --inception-weights)"
             )
         return path
     target = Path(torch.hub.get_dir()) / "checkpoints" / weights.rstrip("/").rsplit("/", 1)[-1]
@@ -117,6 +123,108 @@ def _full_precision() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+# --------------------------------------------------------------------------------------------
+# Safe weights loading: tensors only, into a network built without reading any file.
+
+
+def _bare_inception() -> nn.Module:
+    """torch-fidelity's Inception-v3 architecture with fresh (untrained) modules, built without
+    reading any weights file: its ``__init__`` always loads a state dict, so we hand it an empty
+    one serialised here in memory and ignore it."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class _Unloaded(FeatureExtractorInceptionV3):
+        _building = True
+
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            if self._building:  # the parent's __init__ loading its (empty) file: keep fresh modules
+                return None
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    empty = io.BytesIO()
+    torch.save({}, empty)  # our own bytes: nothing foreign is ever unpickled here
+    empty.seek(0)
+    net = _Unloaded("inception-v3-compat", list(_FEATURES), feature_extractor_weights_path=empty)
+    net._building = False
+    return net
+
+
+def load_inception_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read an Inception state dict as tensors only: ``.safetensors`` via safetensors, anything else
+    via ``torch.load(weights_only=True)``. Any failure is one :class:`SraError` line naming ``path``."""
+    path = Path(path)
+    if not path.is_file():
+        raise SraError(f"Inception weights file not found: {path}")
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise SraError(f"{path} is not a readable safetensors file ({_first_line(exc)})") from None
+    else:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        # torch.save writes a ZIP (PK..) or, in the legacy format, a pickle (protocol byte 0x80)
+        if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):
+            raise SraError(f"{path} is not a torch or safetensors weights file (unknown header {magic!r})")
+        try:
+            with warnings.catch_warnings():  # torch's pickle-protocol chatter is not the user's concern
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            # torch's message advises weights_only=False, i.e. running the file's code: never relay it.
+            raise SraError(
+                f"{path} holds pickled objects other than tensors; refusing to load it (it could run "
+                "code): save the Inception weights as a plain state dict of tensors or as .safetensors"
+            ) from None
+        except (RuntimeError, EOFError, OSError, ValueError, TypeError, AttributeError,
+                ImportError, IndexError, KeyError, UnicodeDecodeError) as exc:
+            raise SraError(f"{path} is not a readable torch state dict, perhaps truncated "
+                           f"({type(exc).__name__})") from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise SraError(f"{path} is not a state dict (a mapping of names to tensors), got {type(state).__name__}")
+    return state
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def build_inception(state_dict: dict[str, torch.Tensor], where: str | os.PathLike = "state dict") -> nn.Module:
+    """torch-fidelity's Inception-v3 (pool_3 + unbiased logits) with ``state_dict`` loaded strictly.
+
+    Keys and shapes are compared first so a wrong file gets one line saying what differs.
+    """
+    net = _bare_inception()
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} shape mismatches (e.g. {k}: {tuple(state_dict[k].shape)} "
+                         f"vs {tuple(expected[k].shape)})")
+        raise SraError(
+            f"{where} is not an Inception-v3 state dict in torch-fidelity's layout: {'; '.join(parts)}"
+        )
+    try:
+        net.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:  # e.g. a dtype that cannot be copied
+        raise SraError(f"{where}: cannot load the Inception-v3 state dict ({_first_line(exc)})") from None
+    return net.float().requires_grad_(False).eval()
+
+
 class InceptionFeatures(nn.Module):
     """ADM-suite Inception features: ``forward(uint8 (N, 3, H, W)) -> {"pool", "spatial", "logits"}``.
 
@@ -125,16 +233,8 @@ class InceptionFeatures(nn.Module):
 
     def __init__(self, weights: str | os.PathLike = INCEPTION_URL, device: str | torch.device | None = None):
         super().__init__()
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
         path = resolve_weights(weights)
-        try:
-            self.net = FeatureExtractorInceptionV3(
-                "inception-v3-compat", list(_FEATURES), feature_extractor_weights_path=str(path)
-            )
-        except (RuntimeError, KeyError, EOFError, OSError) as exc:
-            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise SraError(f"{path} is not an Inception-v3 state dict usable by torch-fidelity ({first_line})") from None
+        self.net = build_inception(load_inception_state_dict(path), where=path)
         self.weights = str(weights)
         self._spatial: torch.Tensor | None = None
         # torch-fidelity exposes no mixed_6/conv output: catch it with a hook during the one pass.
@@ -172,19 +272,9 @@ def save_random_inception_weights(path: str | os.PathLike, seed: int = 0) -> Pat
 
     For tests and smoke runs where the real weights cannot be downloaded. He-normal convolutions and
     identity batch-norms keep activations O(1) through the depth, so the features are informative.
+    A ``.safetensors`` path is written as safetensors, anything else with ``torch.save``.
     """
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    class _Unloaded(FeatureExtractorInceptionV3):
-        """Builds the architecture without loading anything (the parent's ``__init__`` always loads)."""
-
-        def load_state_dict(self, state_dict, strict=True, assign=False):
-            return None  # keep the fresh modules; the real weights are drawn below
-
-    empty = io.BytesIO()
-    torch.save({}, empty)
-    empty.seek(0)
-    net = _Unloaded("inception-random", list(_FEATURES), feature_extractor_weights_path=empty)
+    net = _bare_inception()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in net.modules():
@@ -198,5 +288,11 @@ def save_random_inception_weights(path: str | os.PathLike, seed: int = 0) -> Pat
                 m.bias.zero_()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(net.state_dict(), path)
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
     return path
