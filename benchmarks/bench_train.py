@@ -90,7 +90,7 @@ def _latent_case(name: str, title: str, model: str, input_size: int, batch: int,
 
 
 def _digits_case() -> TrainCase:
-    from sra.config import preset
+    from sra.training.config import preset
     from sra.data.digits import DIGITS_CLASSES, DIGITS_SIZE
 
     cfg = preset("digits")

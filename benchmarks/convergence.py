@@ -142,7 +142,7 @@ class RunSpec:
 # -- one run (executed in a worker process) -------------------------------------------------------
 def arm_config(arm: str, extra: Sequence[tuple[str, Any]] = ()):
     """The preset with the arm's (and ``extra``) overrides applied."""
-    from sra.config import override, preset
+    from sra.training.config import override, preset
 
     cfg = preset(BASE_PRESET)
     for path, value in ARMS[arm] + tuple(extra):
@@ -151,8 +151,8 @@ def arm_config(arm: str, extra: Sequence[tuple[str, Any]] = ()):
 
 
 def build_config(spec: RunSpec, study: StudyConfig):
-    """The run's :class:`~sra.config.TrainConfig`: preset + arm overrides + evaluation plumbing."""
-    from sra.config import override
+    """The run's :class:`~sra.training.config.TrainConfig`: preset + arm overrides + evaluation plumbing."""
+    from sra.training.config import override
 
     cfg = arm_config(spec.arm, study.extra)
     loop = {
@@ -184,7 +184,7 @@ def evaluate_checkpoint(ckpt_dir: Path, study: StudyConfig) -> dict:
 
     from sra.eval.digits import digits_metrics
     from sra.sampling import SamplerConfig, generate
-    from sra.training.checkpoint import load_model
+    from sra.checkpoints import load_model
 
     model, info = load_model(ckpt_dir)
     m = info["model_config"]
@@ -236,7 +236,7 @@ def token_diagnostics(ckpt_dir: Path, student_block: int, teacher_block: int,
     from sra.data import build_dataset
     from sra.objectives import make_process
     from sra.objectives.denoising import FlowConfig
-    from sra.training.checkpoint import load_model
+    from sra.checkpoints import load_model
 
     student, _ = load_model(ckpt_dir, weights="model", with_head=True)
     teacher, info = load_model(ckpt_dir, weights="ema")
@@ -271,10 +271,10 @@ def token_diagnostics(ckpt_dir: Path, student_block: int, teacher_block: int,
 
 def add_diagnostics(result: dict, study: StudyConfig) -> dict:
     """Token diagnostics of the run's last checkpoint (if still on disk)."""
-    from sra.training import checkpoint as ckpt
+    from sra import checkpoints as ckpts
 
     run_dir = study.work_dir / "runs" / f"{result['arm']}-s{result['seed']}"
-    last = ckpt.latest_checkpoint(run_dir)
+    last = ckpts.latest_checkpoint(run_dir)
     if last is not None:
         a = arm_config(result["arm"]).align  # the arm's current definition names the blocks
         result["diagnostics"] = token_diagnostics(last, a.student_block, a.teacher_block, a.t_max)
@@ -287,7 +287,7 @@ def run_one(spec: RunSpec, study: StudyConfig) -> dict:
     import torch
 
     torch.set_num_threads(study.threads_per_job)
-    from sra.training import checkpoint as ckpt
+    from sra import checkpoints as ckpts
     from sra.training.loop import Trainer
 
     result_path = study.work_dir / "results" / f"{spec.key}.json"
@@ -296,15 +296,15 @@ def run_one(spec: RunSpec, study: StudyConfig) -> dict:
     cfg = build_config(spec, study)
     run_dir = Path(cfg.output_dir) / cfg.exp_name
     t0 = time.perf_counter()
-    latest = ckpt.latest_checkpoint(run_dir)
-    done = latest is not None and ckpt.read_meta(latest)["step"] >= spec.steps
+    latest = ckpts.latest_checkpoint(run_dir)
+    done = latest is not None and ckpts.read_meta(latest)["step"] >= spec.steps
     if not done:
         Trainer(cfg, resume="auto" if latest is not None else None).fit()
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     evals = []
-    for path in ckpt.list_checkpoints(run_dir):
-        step = int(ckpt.read_meta(path)["step"])
+    for path in ckpts.list_checkpoints(run_dir):
+        step = int(ckpts.read_meta(path)["step"])
         if step % spec.eval_every == 0 and step <= spec.steps:
             evals.append({"step": step, **evaluate_checkpoint(path, study)})
     stats = alignment_stats(run_dir / "metrics.jsonl", [e["step"] for e in evals], spec.eval_every)
@@ -458,7 +458,7 @@ def _eval_every(summaries: list[dict]) -> str:
 
 def markdown_report(summaries: list[dict], study: StudyConfig, notes: str) -> str:
     """The write-up: setup, per-regime tables, alignment statistics, kept notes."""
-    from sra.config import preset
+    from sra.training.config import preset
 
     p = preset(BASE_PRESET)
     lines = [

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from sra.cli import main
-from sra.config import override, preset
+from sra.training.config import override, preset
 from sra.errors import SraError
+from sra import checkpoints as ckpts
 from sra.training import checkpoint as ckpt
 from sra.training.loop import Trainer
 
@@ -98,16 +99,16 @@ class Payload:
 
 # -- healthy ---------------------------------------------------------------------------------------
 def test_manifest_covers_every_file_and_healthy_checkpoints_load(pristine, tmp_path, capsys):
-    for d in ckpt.list_checkpoints(pristine):
+    for d in ckpts.list_checkpoints(pristine):
         manifest = json.loads((d / "manifest.json").read_text())
         names = {p.name for p in d.iterdir()} - {"meta.json", "manifest.json"}
         assert set(manifest["files"]) == names >= {"model.safetensors", "ema.safetensors",
                                                    "optimizer.pt", "rng-0.pt"}
         for name, entry in manifest["files"].items():
-            assert ckpt.file_sha256(d / name) == (entry["size"], entry["sha256"])
-        meta = ckpt.read_meta(d)
-        assert meta["manifest_sha256"] == ckpt.file_sha256(d / "manifest.json")[1]
-        ckpt.verify_checkpoint(d)
+            assert ckpts.file_sha256(d / name) == (entry["size"], entry["sha256"])
+        meta = ckpts.read_meta(d)
+        assert meta["manifest_sha256"] == ckpts.file_sha256(d / "manifest.json")[1]
+        ckpts.verify_checkpoint(d)
     state = ckpt.load_training_state(step(pristine, 4), 0)
     assert state.step == 4 and state.scaler is None and state.rng is not None
     assert set(state.model) >= set(state.ema) and "state" in state.optimizer
@@ -141,7 +142,7 @@ def test_damaged_checkpoint_dir_is_one_line(run, tmp_path, capsys, command, dama
 def test_checkpoint_without_manifest_is_verified_by_parsing(run, tmp_path, capsys):
     d = step(run, 4)
     drop_manifest(d)
-    ckpt.verify_checkpoint(d)  # an intact old-style checkpoint passes
+    ckpts.verify_checkpoint(d)  # an intact old-style checkpoint passes
     assert main(sample_argv(d, tmp_path)) == 0
     truncate(d / "model.safetensors")
     one_line_error(capsys, sample_argv(d, tmp_path / "b"), f"{d / 'model.safetensors'}: truncated: ")
@@ -163,7 +164,7 @@ def test_checkpoint_without_manifest_is_verified_by_parsing(run, tmp_path, capsy
 def test_load_training_state_names_the_damaged_file(run):
     d = step(run, 4)
     truncate(d / "optimizer.pt", 0.3)
-    size, want = (d / "optimizer.pt").stat().st_size, ckpt.file_sha256(step(run, 2) / "optimizer.pt")[0]
+    size, want = (d / "optimizer.pt").stat().st_size, ckpts.file_sha256(step(run, 2) / "optimizer.pt")[0]
     with pytest.raises(SraError, match=rf"step-0000004/optimizer\.pt: truncated: {size} of \d+ bytes"):
         ckpt.load_training_state(d, 0)
     assert want > size
@@ -176,9 +177,9 @@ def test_load_training_state_names_the_damaged_file(run):
         ckpt.load_training_state(d, 0, verify=False)
     (d / "ema.safetensors").unlink()
     with pytest.raises(SraError, match=r"ema\.safetensors: missing"):
-        ckpt.verify_checkpoint(d, hashes=False)
+        ckpts.verify_checkpoint(d, hashes=False)
     with pytest.raises(SraError, match="not found"):
-        ckpt.verify_checkpoint(run / "nope")
+        ckpts.verify_checkpoint(run / "nope")
 
 
 # -- files passed on their own ---------------------------------------------------------------------
@@ -219,7 +220,7 @@ def test_pickled_code_is_never_run(tmp_path, capsys):
         for argv in (sample_argv(path, tmp_path), pca_argv(path, tmp_path)):
             one_line_error(capsys, argv, f"{path}: {needle}")
         with pytest.raises(SraError, match=needle.split(" (")[0]):
-            ckpt.load_weights(path)
+            ckpts.load_weights(path)
     assert not marker.exists()
 
 
@@ -228,7 +229,7 @@ def test_shape_mismatch_is_one_line(run, tmp_path, capsys):
     meta = json.loads((d / "meta.json").read_text())
     meta["config"]["model"]["hidden_size"] = 64
     (d / "meta.json").write_text(json.dumps(meta))
-    ckpt.verify_checkpoint(d)  # intact files, they just belong to another architecture
+    ckpts.verify_checkpoint(d)  # intact files, they just belong to another architecture
     one_line_error(capsys, sample_argv(d, tmp_path), str(d), "does not fit this architecture")
     del meta["config"]["model"]
     (d / "meta.json").write_text(json.dumps(meta))
@@ -245,11 +246,11 @@ def test_find_resumable_falls_back_past_damaged_checkpoints(run):
     state, _ = ckpt.find_resumable_state(run)
     assert state.path == older and state.step == 2 and state.rng is not None
     # damaged checkpoints are left alone: listing and pruning behave as before
-    assert ckpt.latest_checkpoint(run) == newest
-    assert ckpt.list_checkpoints(run) == [older, newest]
+    assert ckpts.latest_checkpoint(run) == newest
+    assert ckpts.list_checkpoints(run) == [older, newest]
     (older / "meta.json").write_text("{")
     found, skipped = ckpt.find_resumable(run)
     assert found is None and [p for p, _ in skipped] == [newest, older]
     assert skipped[1][1].startswith("meta.json: corrupt (not valid JSON")
     assert ckpt.find_resumable(run / "empty") == (None, [])
-    assert ckpt.checkpoint_step(newest) == 4 and ckpt.checkpoint_path(run, 2) == older
+    assert ckpts.checkpoint_step(newest) == 4 and ckpts.checkpoint_path(run, 2) == older

@@ -59,7 +59,7 @@ def test_every_size_runs_including_small(name):
     model = build_model(cfg)
     x = torch.randn(2, 4, 16, 16)
     t = torch.rand(2) if cfg.family == "SiT" else torch.randint(0, 1000, (2,))
-    out = model(x, t, torch.tensor([0, 3]))
+    out = model(x, t, torch.tensor([0, 3])).output
     assert out.shape == (2, cfg.out_channels, 16, 16)
 
 
@@ -77,7 +77,7 @@ def test_head_does_not_change_the_backbone_init():
 
 def test_any_channels_and_size_and_dit_learn_sigma():
     model = build_model(tiny(family="DiT", in_channels=1, input_size=12, patch_size=4))
-    out = model(torch.randn(3, 1, 12, 12), torch.randint(0, 1000, (3,)), torch.zeros(3, dtype=torch.long))
+    out = model(torch.randn(3, 1, 12, 12), torch.randint(0, 1000, (3,)), torch.zeros(3, dtype=torch.long)).output
     assert out.shape == (3, 2, 12, 12)
 
 
@@ -144,8 +144,9 @@ def test_features_early_stop_and_mode_independence():
         h.remove()
     model.train()
     a = model(x, t, y)
+    assert a.features == {}  # one return type: nothing asked, no features
     model.eval()
-    assert torch.equal(a, model(x, t, y))  # no train/eval dependence (label dropout is elsewhere)
+    assert torch.equal(a.output, model(x, t, y).output)  # no train/eval dependence (label dropout is elsewhere)
     proj = model(x, t, y, return_blocks=(1,), project=True).features[1]
     assert torch.allclose(proj, model.ap_head(full.features[1]))
 

@@ -5,7 +5,7 @@ import torch
 
 from sra.diffusion.paths import get_path
 from sra.errors import SraError
-from sra.models import ModelConfig, build_model
+from sra.models import ModelConfig, TransformerOutput, build_model
 from sra.sampling import SamplerConfig, cfg_combine, generate, guided, preset
 from sra.sampling.flow import ode_sample, sde_sample
 
@@ -53,7 +53,7 @@ def test_cfg_interval_calls_model_once_outside():
 
     def model(x, t, y):
         calls.append((x.shape[0], float(t[0])))
-        return torch.where((y == 9)[:, None], torch.zeros_like(x), torch.ones_like(x))
+        return TransformerOutput(torch.where((y == 9)[:, None], torch.zeros_like(x), torch.ones_like(x)), {})
 
     cfg = SamplerConfig(mode="euler", steps=10, cfg_scale=4.0, guidance_low=0.0, guidance_high=0.7)
     fn = guided(model, cfg, null_label=9)

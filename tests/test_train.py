@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 from sra.cli import main
-from sra.config import override, preset
+from sra.training.config import override, preset
 from sra.errors import SraError
 from sra.objectives.sra import LossOutput, SRAObjective
-from sra.training import checkpoint as ckpt
+from sra import checkpoints as ckpts
 from sra.training.loop import Trainer
 
 TINY = ["--depth", "4", "--hidden-size", "32", "--num-heads", "2", "--patch-size", "4",
@@ -52,15 +52,15 @@ def test_run_directory_holds_everything(tmp_path):
     for key in ("loss", "denoise", "align", "weight", "grad_norm", "student_norm", "teacher_norm",
                 "cosine", "lr", "images_per_s", "steps_per_s"):
         assert key in rows[-1], key
-    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-0000003", "step-0000006"]
+    assert [p.name for p in ckpts.list_checkpoints(run)] == ["step-0000003", "step-0000006"]
     last = run / "checkpoints" / "step-0000006"
     assert {"model.safetensors", "ema.safetensors", "optimizer.pt", "rng-0.pt", "meta.json"} <= {
         p.name for p in last.iterdir()}
-    assert ckpt.read_meta(last)["data"] == {"epoch": 0, "batch": 6}
+    assert ckpts.read_meta(last)["data"] == {"epoch": 0, "batch": 6}
     assert (run / "samples" / "step-0000006.png").is_file() and (run / "curves.png").is_file()
     assert "step 6" in (run / "log.txt").read_text()
     # the checkpoint loads on CPU for inference and matches the saved EMA
-    model, info = ckpt.load_model(run)
+    model, info = ckpts.load_model(run)
     assert info["model_config"].depth == 4 and info["data_info"]["kind"] == "pixels"
     ema = load_file(last / "ema.safetensors")
     assert torch.equal(model.blocks[0].attn.qkv.weight, ema["blocks.0.attn.qkv.weight"])
@@ -72,7 +72,7 @@ def test_run_directory_holds_everything(tmp_path):
 def test_keep_last_and_milestones(tmp_path):
     run = Trainer(tiny_cfg(tmp_path, **{"loop.max_train_steps": 8, "loop.checkpoint_steps": 1,
                                         "loop.keep_last": 2, "loop.milestone_steps": 4})).fit()
-    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-0000004", "step-0000007", "step-0000008"]
+    assert [p.name for p in ckpts.list_checkpoints(run)] == ["step-0000004", "step-0000007", "step-0000008"]
 
 
 def test_sigkill_and_resume_is_bit_exact(tmp_path):
@@ -86,7 +86,7 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path):
         time.sleep(0.02)
     killed.send_signal(signal.SIGKILL)  # no chance to clean up
     killed.wait()
-    done = [p.name for p in ckpt.list_checkpoints(run)]
+    done = [p.name for p in ckpts.list_checkpoints(run)]
     assert done and done[-1] != f"step-00000{steps}", "the run finished before it could be killed"
     resumed = cli(args + ["--exp-name", "cut", "--resume", "auto"], tmp_path)
     out, _ = resumed.communicate(timeout=300)
@@ -120,7 +120,7 @@ def test_two_cpu_processes_with_accelerate_launch_then_resume_on_one(tmp_path):
     assert len(sums) == 2 and sums[0] == sums[1]
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["num_processes"] == 2 and cfg["micro_batch_per_process"] == 16
-    meta = ckpt.read_meta(run / "checkpoints" / "step-0000004")
+    meta = ckpts.read_meta(run / "checkpoints" / "step-0000004")
     assert meta["world_size"] == 2 and meta["data"] == {"epoch": 0, "batch": 4}
     assert (run / "checkpoints" / "step-0000004" / "rng-1.pt").is_file()
     # one process continues: same global micro-batches (32 samples), so the position carries on
@@ -128,7 +128,7 @@ def test_two_cpu_processes_with_accelerate_launch_then_resume_on_one(tmp_path):
     trainer = Trainer(cfg1, resume="auto")
     assert trainer.step == 4 and trainer.micro_batch == 32
     trainer.fit()
-    assert ckpt.read_meta(run / "checkpoints" / "step-0000006")["data"] == {"epoch": 0, "batch": 6}
+    assert ckpts.read_meta(run / "checkpoints" / "step-0000006")["data"] == {"epoch": 0, "batch": 6}
     assert "it was written by 2" in (run / "log.txt").read_text()
 
 
@@ -144,14 +144,14 @@ def test_nan_steps_are_skipped_and_persisting_nan_stops(tmp_path, monkeypatch):
 
     monkeypatch.setattr(SRAObjective, "__call__", flaky)
     run = Trainer(tiny_cfg(tmp_path)).fit()
-    meta = ckpt.read_meta(run / "checkpoints" / "step-0000006")
+    meta = ckpts.read_meta(run / "checkpoints" / "step-0000006")
     assert meta["skipped"] == 1
     model = load_file(run / "checkpoints" / "step-0000006" / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in model.values())
     bad_steps.update(range(100))
     with pytest.raises(SraError, match="3 consecutive non-finite steps"):
         Trainer(tiny_cfg(tmp_path, exp_name="nan", **{"loop.max_consecutive_skips": 3})).fit()
-    assert ckpt.list_checkpoints(tmp_path / "nan") == []
+    assert ckpts.list_checkpoints(tmp_path / "nan") == []
 
 
 def test_init_from_release_checkpoint(tmp_path):
@@ -197,7 +197,7 @@ def test_gradient_accumulation_splits_the_global_batch(tmp_path):
     trainer = Trainer(cfg)
     assert trainer.micro_batch == 16
     run = trainer.fit()
-    meta = ckpt.read_meta(run / "checkpoints" / "step-0000002")
+    meta = ckpts.read_meta(run / "checkpoints" / "step-0000002")
     assert meta["data"] == {"epoch": 0, "batch": 4}  # 2 steps × 2 micro-batches consumed
     assert json.loads((run / "config.json").read_text())["micro_batch_per_process"] == 16
 
@@ -259,7 +259,7 @@ def test_degenerate_but_legal_settings(tmp_path, flags):
     args = ["train", *README_TINY, "--eval-samples", "0", "--output-dir", str(tmp_path), *flags]
     assert main(args) == 0
     run = tmp_path / "digits-sra"
-    assert [p.name for p in ckpt.list_checkpoints(run)][-1] == "step-0000004"
+    assert [p.name for p in ckpts.list_checkpoints(run)][-1] == "step-0000004"
     grids = list((run / "samples").glob("*.png")) if (run / "samples").exists() else []
     assert bool(grids) == (flags != ["--grid-samples", "0"])
 
@@ -391,7 +391,7 @@ def test_resume_auto_passes_over_a_damaged_newest_checkpoint(tmp_path, capsys):
     log_text = (run / "log.txt").read_text()
     assert "step-0000004 is damaged (ema.safetensors: truncated" in log_text
     assert "resumed from" in log_text and "step-0000002 at step 2" in log_text
-    assert ckpt.read_meta(run / "checkpoints" / "step-0000006")["data"] == {"epoch": 0, "batch": 6}
+    assert ckpts.read_meta(run / "checkpoints" / "step-0000006")["data"] == {"epoch": 0, "batch": 6}
     # every checkpoint damaged: one clear line, nothing written
     for p in (run / "checkpoints").glob("step-*/model.safetensors"):
         p.write_bytes(b"\0" * 10)

@@ -78,7 +78,7 @@ FLAGS: list[tuple[list[str], str, object, str]] = [
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from sra.config import PRESETS
+    from sra.training.config import PRESETS
 
     p = sub.add_parser(
         "train", help="train SiT/DiT with SRA (or vanilla) on accelerate",
@@ -106,8 +106,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    """Preset + explicit flags → :class:`~sra.config.TrainConfig` (validated)."""
-    from sra.config import override, preset
+    """Preset + explicit flags → :class:`~sra.training.config.TrainConfig` (validated)."""
+    from sra.training.config import override, preset
 
     cfg = preset(args.preset)
     for _, dest, _, _ in FLAGS:
@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     trainer = Trainer(cfg, resume=args.resume)
     if args.epochs is not None:
-        from sra.config import override
+        from sra.training.config import override
 
         steps = args.epochs * len(trainer.dataset) // cfg.loop.global_batch_size
         trainer.cfg = override(trainer.cfg, "loop.max_train_steps", steps)

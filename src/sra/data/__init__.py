@@ -7,6 +7,7 @@ Training, sampling and evaluation open data through :func:`build_dataset` and se
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from torch.utils.data import Dataset
 
@@ -14,10 +15,19 @@ from sra.data.base import SD_VAE_SCALE, DataInfo, decode_scale, draw_latents
 from sra.errors import SraError
 
 __all__ = [
-    "SD_VAE_SCALE", "DataInfo", "decode_scale", "draw_latents", "build_dataset", "dataset_kind",
+    "SD_VAE_SCALE", "DataConfig", "DataInfo", "decode_scale", "draw_latents", "build_dataset", "dataset_kind",
 ]
 
 DIGITS = "digits"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    data_dir: str = "digits"  # "digits", a release vae-sd dir/ZIP, or a packed dir
+    resolution: int | None = None  # image resolution (checked against the data); None → data's
+    num_workers: int = 4
+    label_dropout: float = 0.1  # --cfg-prob
+    vae: str = "stabilityai/sd-vae-ft-ema"  # decodes latent sample grids (hub id or local path)
 
 
 def dataset_kind(spec: str) -> str:

@@ -114,3 +114,17 @@ def parse_name(name: str) -> tuple[str, str, int]:
     if not m:
         raise choice_error("model", name, MODEL_NAMES)
     return m.group(1), m.group(2), int(m.group(3))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which network: a registry name plus the few fields that depend on the data."""
+
+    name: str = "SiT-XL/2"
+    qk_norm: bool = False
+    fused_attn: bool = True
+    # Custom dims for tiny models (None → from the registry name).
+    depth: int | None = None
+    hidden_size: int | None = None
+    num_heads: int | None = None
+    patch_size: int | None = None

@@ -186,7 +186,8 @@ class ProjectorHead(nn.Module):
 
 
 class TransformerOutput(NamedTuple):
-    """What ``forward`` returns when block features are asked for."""
+    """What ``forward`` returns: the prediction and the requested blocks' tokens (one return
+    type for every call, so DDP and torch.compile see one signature; unpack or use ``.output``)."""
 
     output: torch.Tensor | None  # (N, C_out, H, W); None when stopped early
     features: dict[int, torch.Tensor]  # block number (1-indexed) → tokens (N, T, D)
@@ -286,7 +287,7 @@ class DiffusionTransformer(nn.Module):
         return_blocks: Sequence[int] = (),
         stop_after: int | None = None,
         project: bool = False,
-    ) -> torch.Tensor | TransformerOutput:
+    ) -> TransformerOutput:
         """Run the transformer.
 
         Args:
@@ -296,8 +297,8 @@ class DiffusionTransformer(nn.Module):
             stop_after: run only blocks 1..stop_after and skip the final layer (output None).
             project: pass the returned tokens through the SRA head ``ap_head``.
         Returns:
-            the prediction (N, C_out, H, W) when ``return_blocks`` is empty, else a
-            :class:`TransformerOutput` (output, features).
+            :class:`TransformerOutput`: ``output`` the prediction (N, C_out, H, W) (None after
+            ``stop_after``), ``features`` {block: tokens (N, T, D)} for ``return_blocks``.
         """
         self._check_inputs(x, t, y)
         wanted = tuple(return_blocks)
@@ -319,8 +320,6 @@ class DiffusionTransformer(nn.Module):
         out = None
         if stop_after is None:
             out = self.unpatchify(self.final_layer(h, c))  # (N, C_out, H, W)
-        if not wanted:
-            return out
         return TransformerOutput(out, features)
 
 

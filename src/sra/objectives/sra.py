@@ -162,7 +162,7 @@ class SRAObjective:
         x_t = proc.noisy(x0, eps, t)
         weight = align_weight(cfg, step)
         if weight <= 0:
-            pred = model(x_t, t, y)
+            pred = model(x_t, t, y).output
             denoise = proc.loss(pred, x0, eps, t, x_t).mean()
             zero = denoise.new_zeros(())
             return LossOutput(denoise, denoise.detach(), zero, 0.0, {})

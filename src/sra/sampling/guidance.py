@@ -7,12 +7,15 @@ it, or with w = 1, the conditional model is evaluated once.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from sra.errors import SraError
 from sra.sampling.config import SamplerConfig
+
+if TYPE_CHECKING:
+    from sra.models import TransformerOutput
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -44,10 +47,10 @@ def cfg_combine(
 
 
 def guided(
-    model: Callable[..., torch.Tensor], cfg: SamplerConfig, null_label: int,
+    model: Callable[..., "TransformerOutput"], cfg: SamplerConfig, null_label: int,
     learn_sigma: bool = False, time_scale: float = 1.0,
 ) -> ModelFn:
-    """Wrap ``model(x, t, y)`` with CFG per ``cfg``; ``time_scale`` maps t to [0, 1] for the
+    """Wrap ``model(x, t, y).output`` with CFG per ``cfg``; ``time_scale`` maps t to [0, 1] for the
     interval test (1000 for DiT's integer steps)."""
     scale = cfg.cfg_scale
 
@@ -55,8 +58,9 @@ def guided(
         # All samples of a batch share their time, so one scalar decides the interval.
         t_now = float(t.reshape(-1)[0]) / time_scale
         if scale == 1.0 or not (cfg.guidance_low <= t_now <= cfg.guidance_high):
-            return model(x, t, y)
-        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_label)]))
+            return model(x, t, y).output
+        out = model(torch.cat([x, x]), torch.cat([t, t]),
+                    torch.cat([y, torch.full_like(y, null_label)])).output
         cond, uncond = out.chunk(2)
         return cfg_combine(cond, uncond, scale, learn_sigma, cfg.guidance_channels)
 

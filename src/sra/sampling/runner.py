@@ -45,6 +45,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from sra.data.base import DataInfo
+from sra.models import TransformerOutput
 from sra.errors import SraError, check_choice
 from sra.sampling.config import DDPM_MODES, FLOW_MODES, PRESETS, SamplerConfig
 from sra.sampling.decode import DATA_KINDS, ROUNDINGS, ImageDecoder
@@ -247,9 +248,10 @@ class _Autocast(nn.Module):
         self.device_type = device.type
         self.dtype = dtype
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> TransformerOutput:
         with torch.autocast(self.device_type, dtype=self.dtype):
-            return self.inner(x, t, y).float()
+            out = self.inner(x, t, y)
+        return out._replace(output=out.output.float())
 
 
 # -- files ---------------------------------------------------------------------------------------
@@ -350,7 +352,7 @@ def run_sampling(job: SampleJobConfig, state=None, *, model: nn.Module | None = 
     loaded). Returns the path of ``samples.npz`` (of the ``samples/`` folder for png-only jobs);
     it is complete on the main process when this returns there.
     """
-    from sra.training.checkpoint import load_model
+    from sra.checkpoints import load_model
 
     state = _state_of(state)
     rank, world, device = state.process_index, state.num_processes, torch.device(state.device)

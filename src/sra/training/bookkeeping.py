@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from pathlib import Path
 
 import torch
 
-from sra.atomic import atomic_write_text
+from sra.atomic import atomic_write_json, atomic_write_text
 
 
 class StatsWindow:
@@ -149,3 +150,28 @@ def truncate_metrics(path: Path, step: int) -> None:
             continue
         keep.append(line if line.endswith("\n") else line + "\n")
     atomic_write_text(path, "".join(keep))
+
+
+def check_replicas(acc, ema, run_dir: Path) -> list[float]:
+    """Every process must hold the same EMA (the teacher): a checksum per process is compared
+    and written to ``replicas.json`` — a desynchronised run fails loudly (edm2 checks this too)."""
+    total = torch.stack([p.detach().double().sum() for p in ema.parameters()]).sum()
+    sums = acc.gather(total.reshape(1)).tolist()
+    if acc.is_main_process:
+        atomic_write_json(run_dir / "replicas.json",
+                          {"ema_checksums": sums, "world_size": acc.num_processes})
+    if max(sums) != min(sums):
+        raise RuntimeError(f"EMA weights differ across processes: {sums}")
+    return sums
+
+
+class RateTimer:
+    """Steps/s and images/s over each log window (wall clock)."""
+
+    def __init__(self) -> None:
+        self.t = time.perf_counter()
+
+    def rates(self, steps: int, global_batch: int) -> dict[str, float]:
+        now = time.perf_counter()
+        dt, self.t = max(now - self.t, 1e-9), now
+        return {"steps_per_s": steps / dt, "images_per_s": steps * global_batch / dt}

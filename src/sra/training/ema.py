@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from sra.config import EMAConfig
+
+
+@dataclass(frozen=True)
+class EMAConfig:
+    """EMA of the weights; the EMA model is also the SRA teacher."""
+
+    decay: float = 0.9999
+    # decay_n = min(decay, (1 + n)/(10 + n)): lets short runs leave the initial weights behind.
+    warmup: bool = False
 
 
 def make_ema(model: nn.Module) -> nn.Module:

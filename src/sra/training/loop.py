@@ -18,60 +18,34 @@ import math
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from sra import checkpoints as ckpts
 from sra.atomic import atomic_write_json
-from sra.config import TrainConfig
 from sra.data.base import DataInfo, draw_latents
 from sra.errors import SraError
-from sra.models import ModelConfig, build_model, model_config
+from sra.models import build_model
 from sra.objectives import SRAObjective, make_process
 from sra.training import checkpoint as ckpt
 from sra.training.batches import Position, ShardedBatchSampler, advance
-from sra.training.bookkeeping import (NonFiniteGuard, StatsWindow, StopFlag, any_process, flatten,
-                                      min_over_processes, reduce_mean, truncate_metrics)
+from sra.training.config import TrainConfig, resolve_model_config
+from sra.training.bookkeeping import (NonFiniteGuard, RateTimer, StatsWindow, StopFlag, any_process,
+                                      check_replicas, flatten, reduce_mean, truncate_metrics)
 from sra.training.ema import ema_decay, make_ema, update_ema
 from sra.training.monitor import METRICS_FILE, Monitor, MonitorConfig
+from sra.training.optim import build_optimizer, learning_rate
+from sra.training.resume import (Resumed, apply_state, check_resume_fits, find_resume_state,
+                                 init_from_weights)
 
 log = logging.getLogger("sra.train")
 
-# Settings a checkpoint must share with the run that resumes it: they fix which samples each
-# optimizer step sees (the position is counted in global micro-batches of global/accumulation).
-RESUME_INVARIANTS = {
-    "global_batch_size": "--batch-size",
-    "gradient_accumulation_steps": "--gradient-accumulation-steps",
-}
-
-
 # -- set-up helpers --------------------------------------------------------------------------------
-def resolve_model_config(cfg: TrainConfig, info: DataInfo) -> ModelConfig:
-    """The network's config from the registry name, custom dims and the data's shape."""
-    spec = cfg.model
-    overrides = dict(input_size=info.size, in_channels=info.channels, num_classes=info.num_classes,
-                     qk_norm=spec.qk_norm, use_head=cfg.align.active)
-    for name in ("depth", "hidden_size", "num_heads", "patch_size"):
-        if getattr(spec, name) is not None:
-            overrides[name] = getattr(spec, name)
-    mcfg = model_config(spec.name, **overrides)
-    if cfg.align.active and cfg.align.teacher_block > mcfg.depth:
-        raise SraError(f"block-out-t {cfg.align.teacher_block} is outside 1..{mcfg.depth} "
-                       f"(the depth of {spec.name})")
-    return mcfg
-
-
 def load_dataset(cfg: TrainConfig):
     from sra.data import build_dataset
 
     return build_dataset(cfg.data.data_dir, cfg.data.resolution)
-
-
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """A seed for process ``rank`` from optimizer step ``step`` on (used when a resumed run has
-    no RNG state for this process, e.g. after a change of the number of processes)."""
-    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 
 # -- the trainer ----------------------------------------------------------------------------------
@@ -112,39 +86,31 @@ class Trainer:
         self.dataset = load_dataset(cfg)
         self.info: DataInfo = self.dataset.info
         self.model_cfg = resolve_model_config(cfg, self.info)
-        state = self._find_resume(resume)
+        state = find_resume_state(acc, self.run_dir, resume, self.notes)
         self.resume_from = state.path if state is not None else None
-        if state is None and ckpt.latest_checkpoint(self.run_dir) is not None:
+        if state is None and ckpts.latest_checkpoint(self.run_dir) is not None:
             raise SraError(f"{self.run_dir} already holds checkpoints; pass --resume auto to "
                            f"continue it or choose another --exp-name / --output-dir")
         if state is not None:
-            self._check_resume_fits(state)
+            check_resume_fits(state, self.model_cfg, loop)
 
         set_seed(loop.seed)  # identical initial weights (and so EMA) on every process
         model = build_model(self.model_cfg)
         model.set_fused_attention(cfg.model.fused_attn)
         if cfg.init_from and state is None:
-            self._init_weights(model, cfg.init_from)
+            init_from_weights(model, cfg.init_from)
         self.ema = make_ema(model).to(acc.device)
-        # Fused AdamW exists for CUDA and (torch ≥ 2.4) CPU: one kernel instead of a per-tensor
-        # loop, and it can skip a non-finite step on the device (see _optimizer_step).
-        self.fused = acc.device.type in ("cuda", "cpu")
-        opt = torch.optim.AdamW(
-            model.parameters(), lr=cfg.optim.learning_rate,
-            betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
-            weight_decay=cfg.optim.adam_weight_decay, eps=cfg.optim.adam_epsilon,
-            fused=self.fused, foreach=None if self.fused else True,
-        )
+        opt = build_optimizer(model, cfg.optim, acc.device)
+        self.fused = bool(opt.defaults.get("fused"))
         set_seed(loop.seed, device_specific=True)  # but different noise per process
         self.objective = SRAObjective(make_process(self.model_cfg.family, cfg.flow), cfg.align,
                                       cfg.data.label_dropout, self.model_cfg.num_classes)
-        self.step = 0
-        self.start = Position()
-        skipped = 0
+        at = Resumed(step=0, start=Position(), skipped=0)
         if state is not None:
-            skipped = self._apply_state(model, opt, state)
-        self.skipped = skipped  # host copy, refreshed at every log/checkpoint step
-        self.nonfinite = NonFiniteGuard(acc.device, skipped)
+            at = apply_state(state, acc, model, self.ema, opt, loop.seed, self.notes)
+        self.step, self.start = at.step, at.start
+        self.skipped = at.skipped  # host copy, refreshed at every log/checkpoint step
+        self.nonfinite = NonFiniteGuard(acc.device, at.skipped)
         self.saved_step = self.step if state is not None else -1
         self.was_complete = False  # set by fit(): resumed at or past max_train_steps
         self.model, self.optimizer = acc.prepare(model, opt)
@@ -171,91 +137,6 @@ class Trainer:
     def _evaluates_digits(self) -> bool:
         return self.cfg.data.data_dir == "digits" and self.cfg.loop.eval_digits
 
-    # -- resume / init -------------------------------------------------------------------------
-    def _find_resume(self, resume: str | None) -> "ckpt.TrainingState | None":
-        """The loaded checkpoint to resume: ``auto`` = the newest one of the run that loads
-        completely (damaged newer ones are reported and passed over), or an explicit path."""
-        if not resume:
-            return None
-        acc = self.accelerator
-        if resume != "auto":
-            path = Path(resume)
-            if not path.exists():
-                raise FileNotFoundError(f"--resume checkpoint not found: {path}")
-            if not (path / "meta.json").is_file():
-                path = ckpt.latest_checkpoint(path)
-                if path is None:
-                    raise SraError(f"{resume} is not a complete sra checkpoint (no meta.json)")
-            return ckpt.load_training_state(path, acc.process_index)
-        state, damaged = ckpt.find_resumable_state(self.run_dir, acc.process_index)
-        self.notes += [f"checkpoint {path} is damaged ({reason}); passing over it"
-                       for path, reason in damaged]
-        # Every process must resume the same step (a rank's own RNG file could be the damaged one).
-        step = min_over_processes(acc, state.step if state is not None else -1)
-        if state is None or step < 0:
-            if damaged:
-                raise SraError(f"no checkpoint of {self.run_dir} loads completely (newest: "
-                               f"{damaged[0][0].name}: {damaged[0][1]})")
-            return None
-        if step != state.step:
-            state = ckpt.load_training_state(ckpt.checkpoint_path(self.run_dir, step), acc.process_index)
-        if damaged:
-            self.notes.append(f"resuming from {state.path} (the newest checkpoint that loads completely)")
-        return state
-
-    def _check_resume_fits(self, state: "ckpt.TrainingState") -> None:
-        """Refuse a checkpoint of another model or another batch layout, naming the setting."""
-        path, saved = state.path, state.meta.get("config", {})
-        saved_model = saved.get("model")
-        if saved_model and ModelConfig.from_dict(saved_model) != self.model_cfg:
-            raise SraError(f"checkpoint {path} was made for a different model "
-                           f"({saved_model}); the run asks for {self.model_cfg.to_dict()}")
-        for key, flag in RESUME_INVARIANTS.items():
-            then = saved.get("loop", {}).get(key)
-            now = getattr(self.cfg.loop, key)
-            if then is not None and then != now:
-                raise SraError(
-                    f"checkpoint {path} was trained with {flag} {then}, this run asks for {now}: "
-                    f"resume with {flag} {then} (it fixes which samples each step sees)")
-
-    def _apply_state(self, model, opt, state: "ckpt.TrainingState") -> int:
-        """Put a loaded checkpoint into the model, EMA, optimizer and RNGs; returns its skip count."""
-        from accelerate.utils import set_seed
-
-        acc, path = self.accelerator, self.resume_from
-        ckpt.load_state_dict_strict(model, state.model, str(path / "model.safetensors"))
-        ckpt.load_state_dict_strict(self.ema, state.ema, str(path / "ema.safetensors"))
-        self.ema.to(acc.device)
-        try:
-            opt.load_state_dict(state.optimizer)
-        except (ValueError, KeyError, RuntimeError) as exc:
-            raise SraError(f"{path / 'optimizer.pt'} does not fit this model's optimizer ({exc})") from None
-        if state.scaler is not None and acc.scaler is not None:
-            acc.scaler.load_state_dict(state.scaler)
-        meta = state.meta
-        self.step = int(meta["step"])
-        self.start = Position(**meta["data"])
-        then_world = int(meta.get("world_size", acc.num_processes))
-        if state.rng is not None and then_world == acc.num_processes:
-            ckpt.set_rng_state(state.rng)
-        else:
-            # Data order is unchanged (same global micro-batches); the noise streams cannot be
-            # continued across a different process count, so they restart from (seed, step, rank).
-            set_seed(step_seed(self.cfg.loop.seed, self.step, acc.process_index))
-            self.notes.append(
-                f"resuming {path} with {acc.num_processes} processes (it was written by "
-                f"{then_world}): the data order continues exactly; the noise streams are reseeded "
-                f"from step {self.step}")
-        return int(meta.get("skipped", 0))
-
-    def _init_weights(self, model, source: str) -> None:
-        sd, info = ckpt.load_weights(source, weights="ema")
-        if not self.model_cfg.use_head:
-            sd = {k: v for k, v in sd.items() if not k.startswith("ap_head.")}
-        elif not any(k.startswith("ap_head.") for k in sd):
-            sd = dict(sd, **{f"ap_head.{k}": v for k, v in model.ap_head.state_dict().items()})
-        ckpt.load_state_dict_strict(model, sd, source)
-
     # -- checkpoints ---------------------------------------------------------------------------
     def resolved_config(self) -> dict:
         d = self.cfg.to_dict()
@@ -267,34 +148,18 @@ class Trainer:
         return d
 
     def save(self, position: Position) -> Path | None:
-        """Write ``checkpoints/step-NNNNNNN/`` atomically (all processes call this)."""
-        acc = self.accelerator
-        model = acc.unwrap_model(self.model)
-        if not (ckpt.all_finite(model) and ckpt.all_finite(self.ema)):  # sync point
+        """Write ``checkpoints/step-NNNNNNN/`` (all processes call this); None if refused."""
+        acc, loop = self.accelerator, self.cfg.loop
+        meta = {"step": self.step, "data": vars(position),
+                "images_seen": self.step * loop.global_batch_size, "skipped": self.skipped,
+                "world_size": acc.num_processes, "config": self.resolved_config()}
+        path = ckpt.save_checkpoint(acc, self.run_dir, self.step, acc.unwrap_model(self.model),
+                                    self.ema, self.optimizer, meta, loop.keep_last, loop.milestone_steps)
+        if path is None:
             log.error("refusing to write a checkpoint at step %d: non-finite weights", self.step)
-            return None
-        root = self.run_dir / ckpt.CKPT_DIR
-        name = f"step-{self.step:07d}"
-        tmp = root / f".tmp-{name}"
-        if acc.is_main_process:
-            tmp.mkdir(parents=True, exist_ok=True)
-        acc.wait_for_everyone()
-        torch.save(ckpt.rng_state(), tmp / f"rng-{acc.process_index}.pt")
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            meta = {"step": self.step, "data": vars(position),
-                    "images_seen": self.step * self.cfg.loop.global_batch_size,
-                    "skipped": self.skipped, "world_size": acc.num_processes,
-                    "config": self.resolved_config()}
-            scaler = acc.scaler.state_dict() if acc.scaler is not None else None
-            ckpt.write_checkpoint_files(tmp, model=model, ema=self.ema, optimizer=self.optimizer,
-                                        scaler_state=scaler, meta=meta)
-            ckpt.finalize_checkpoint(tmp, root / name)
-            ckpt.prune_checkpoints(self.run_dir, self.cfg.loop.keep_last,
-                                   self.cfg.loop.milestone_steps)
-        acc.wait_for_everyone()
-        self.saved_step = self.step
-        return root / name
+        else:
+            self.saved_step = self.step
+        return path
 
     # -- one optimizer step ----------------------------------------------------------------------
     def _train_step(self, batches) -> tuple[dict[str, torch.Tensor], torch.Tensor, float]:
@@ -352,14 +217,14 @@ class Trainer:
         stop.install()
         window = StatsWindow()
         micro_done = 0
-        timer = _Timer()
+        timer = RateTimer()
         metrics_path = self.run_dir / METRICS_FILE
         bar = tqdm(total=loop.max_train_steps, initial=min(self.step, loop.max_train_steps),
                    disable=not acc.is_main_process, desc="train", dynamic_ncols=True)
         batches = iter(self.loader)
         try:
             while self.step < loop.max_train_steps:
-                lr = cfg.optim.learning_rate * min(1.0, (self.step + 1) / max(1, cfg.optim.warmup_steps))
+                lr = learning_rate(cfg.optim, self.step)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 stats, finite, weight = self._train_step(batches)
@@ -452,7 +317,7 @@ class Trainer:
                 self.monitor.snapshot(self.ema, self.step, self.cfg.exp_name)
             else:
                 self.monitor.curves(self.cfg.exp_name)
-        self.check_replicas()
+        check_replicas(acc, self.ema, self.run_dir)
         if acc.is_main_process and self._evaluates_digits() and not self._evaluated():
             self.monitor.evaluate_digits(self.ema, self.step)
         acc.wait_for_everyone()
@@ -466,35 +331,6 @@ class Trainer:
             return json.loads((self.run_dir / EVAL_DIGITS_FILE).read_text())["step"] == self.step
         except (OSError, ValueError, KeyError, TypeError):
             return False
-
-    def check_replicas(self) -> list[float]:
-        """Every process must hold the same EMA (the teacher); a checksum per rank is compared
-        and written to ``replicas.json`` — a desynchronised run fails loudly here."""
-        acc = self.accelerator
-        total = torch.stack([p.detach().double().sum() for p in self.ema.parameters()]).sum()
-        sums = acc.gather(total.reshape(1)).tolist()
-        if acc.is_main_process:
-            atomic_write_json(self.run_dir / "replicas.json",
-                              {"ema_checksums": sums, "world_size": acc.num_processes})
-        if max(sums) != min(sums):
-            raise RuntimeError(f"EMA weights differ across processes: {sums}")
-        return sums
-
-
-class _Timer:
-    """Steps/s and images/s over the log window (wall clock)."""
-
-    def __init__(self) -> None:
-        import time
-
-        self._clock = time.perf_counter
-        self.t = self._clock()
-
-    def rates(self, steps: int, global_batch: int) -> dict[str, float]:
-        now = self._clock()
-        dt, self.t = max(now - self.t, 1e-9), now
-        return {"steps_per_s": steps / dt, "images_per_s": steps * global_batch / dt}
-
 
 def _setup_file_logging(path: Path) -> None:
     """Everything to ``log.txt``; warnings also to the console (tqdm owns the rest of it)."""

@@ -370,7 +370,7 @@ def run_pca(cfg: PcaConfig) -> PcaResult:
     The ``.npz`` holds ``maps`` (times, blocks, g, g, 3), ``times``, ``blocks`` and, with a
     comparison model, ``maps_compare`` / ``blocks_compare``; the ``.json`` the resolved settings.
     """
-    from sra.training.checkpoint import load_model
+    from sra.checkpoints import load_model
 
     start = time.perf_counter()
     if Path(cfg.out).suffix.lower() != ".png":

@@ -1,6 +1,8 @@
-"""Training configuration: dataclasses, named presets, and the resolved JSON saved per run.
+"""Training configuration: :class:`TrainConfig` composes the leaves' own config dataclasses
+(model, flow, alignment, optimizer, EMA, data, sampler) with the loop's; named presets; the
+resolved JSON saved per run. Nothing below the training layer imports this file.
 
-Every number the training loop uses lives here. A preset is a complete :class:`TrainConfig`;
+Every number the training loop uses lives in one of these dataclasses. A preset is a complete :class:`TrainConfig`;
 command-line flags override single fields; the resolved result is written to
 ``RUN/config.json`` and into every checkpoint.
 """
@@ -8,60 +10,21 @@ command-line flags override single fields; the resolved result is written to
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields, is_dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from sra.data import DataConfig
+from sra.data.base import DataInfo
 from sra.errors import SraError, check_choice
+from sra.models import ModelConfig, model_config
+from sra.models.registry import ModelSpec
 from sra.objectives.denoising import FlowConfig
 from sra.objectives.sra import AlignConfig
 from sra.sampling.config import SamplerConfig
+from sra.training.ema import EMAConfig
+from sra.training.optim import OptimConfig
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Which network: a registry name plus the few fields that depend on the data."""
-
-    name: str = "SiT-XL/2"
-    qk_norm: bool = False
-    fused_attn: bool = True
-    # Custom dims for tiny models (None → from the registry name).
-    depth: int | None = None
-    hidden_size: int | None = None
-    num_heads: int | None = None
-    patch_size: int | None = None
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    """AdamW and clipping (the release's defaults)."""
-
-    learning_rate: float = 1e-4
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 0.0
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    warmup_steps: int = 0  # linear LR warm-up (0: constant LR like the release)
-
-
-@dataclass(frozen=True)
-class EMAConfig:
-    """EMA of the weights; the EMA model is also the SRA teacher."""
-
-    decay: float = 0.9999
-    # decay_n = min(decay, (1 + n)/(10 + n)): lets short runs leave the initial weights behind.
-    warmup: bool = False
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    data_dir: str = "digits"  # "digits", a release vae-sd dir/ZIP, or a packed dir
-    resolution: int | None = None  # image resolution (checked against the data); None → data's
-    num_workers: int = 4
-    label_dropout: float = 0.1  # --cfg-prob
-    vae: str = "stabilityai/sd-vae-ft-ema"  # decodes latent sample grids (hub id or local path)
 
 
 @dataclass(frozen=True)
@@ -117,22 +80,19 @@ class TrainConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
 
 
-def _from_dict(cls, d: dict):
-    kwargs = {}
-    for f in fields(cls):
-        if f.name not in d:
-            continue
-        v = d[f.name]
-        default = f.default if f.default is not f.default_factory else None  # type: ignore[misc]
-        if is_dataclass(default) and isinstance(v, dict):
-            v = _from_dict(type(default), v)
-        kwargs[f.name] = v
-    return cls(**kwargs)
-
-
-def config_from_dict(d: dict) -> TrainConfig:
-    """Rebuild a :class:`TrainConfig` from its JSON form (unknown keys are ignored)."""
-    return _from_dict(TrainConfig, d)
+def resolve_model_config(cfg: TrainConfig, info: DataInfo) -> ModelConfig:
+    """The network's config from the registry name, custom dims and the data's shape."""
+    spec = cfg.model
+    overrides = dict(input_size=info.size, in_channels=info.channels, num_classes=info.num_classes,
+                     qk_norm=spec.qk_norm, use_head=cfg.align.active)
+    for name in ("depth", "hidden_size", "num_heads", "patch_size"):
+        if getattr(spec, name) is not None:
+            overrides[name] = getattr(spec, name)
+    mcfg = model_config(spec.name, **overrides)
+    if cfg.align.active and cfg.align.teacher_block > mcfg.depth:
+        raise SraError(f"block-out-t {cfg.align.teacher_block} is outside 1..{mcfg.depth} "
+                       f"(the depth of {spec.name})")
+    return mcfg
 
 
 def override(cfg, path: str, value):
