@@ -19,9 +19,10 @@ from sra.data import build_dataset, dataset_kind
 from sra.data.base import SD_VAE_SCALE, draw_latents
 from sra.data.crop import adm_center_crop, adm_crop_plan, to_rgb
 from sra.data.encode import EncodeConfig, encode_images
-from sra.data.images import ImagesConfig, image_name, preprocess_images
-from sra.data.packed import PackedLatentDataset, pack_release
-from sra.data.release import ReleaseLatentDataset, latent_name
+from sra.data.formats import image_name, latent_name
+from sra.data.images import ImagesConfig, preprocess_images
+from sra.data.packed import PackedLatentDataset
+from sra.data.release import ReleaseLatentDataset, pack_release
 from sra.data.sources import open_image_source
 from sra.data.vae import encode_moments, load_vae, save_tiny_vae
 from sra.errors import SraError
@@ -282,9 +283,10 @@ def test_encode_release_and_packed_round_trip(tmp_path, data_tiny_vae, data_vae)
 
 def test_encode_resume_after_interrupt(tmp_path, data_tiny_vae, monkeypatch):
     import sra.data.encode as enc
+    import sra.data.encode_shards as shards
 
     _images_layout(tmp_path / "images", 11)  # shards of 4: [0-3] [4-7] [8-10], batches of 3
-    real_moments, real_shard = enc.encode_moments, enc._encode_shard
+    real_moments, real_shard = shards.encode_moments, enc.encode_shard
     n_calls = [0]
 
     def dying(vae, pixels):
@@ -293,20 +295,20 @@ def test_encode_resume_after_interrupt(tmp_path, data_tiny_vae, monkeypatch):
             raise KeyboardInterrupt
         return real_moments(vae, pixels)
 
-    monkeypatch.setattr(enc, "encode_moments", dying)
+    monkeypatch.setattr(shards, "encode_moments", dying)
     cfg = _encode_cfg(tmp_path / "images", tmp_path / "lat", data_tiny_vae)
     with pytest.raises(KeyboardInterrupt):
         encode_images(cfg)
     assert sorted(os.listdir(tmp_path / "lat" / "progress")) == ["shard-00000.json"]
     assert sorted(os.listdir(tmp_path / "lat" / "packed")) == ["shard-00000.npy"]  # no .partial left
-    monkeypatch.setattr(enc, "encode_moments", real_moments)
+    monkeypatch.setattr(shards, "encode_moments", real_moments)
     calls: list[int] = []
 
     def counting(k, *args, **kw):
         calls.append(k)
         return real_shard(k, *args, **kw)
 
-    monkeypatch.setattr(enc, "_encode_shard", counting)
+    monkeypatch.setattr(enc, "encode_shard", counting)
     rep = encode_images(cfg)
     assert calls == [1, 2] and rep.shards_reused == 1 and rep.samples == 11
     fresh = encode_images(_encode_cfg(tmp_path / "images", tmp_path / "fresh", data_tiny_vae))

@@ -1,4 +1,5 @@
-"""Tests for the DDPM process (sra.diffusion.ddpm) and its samplers (sra.sampling.ddpm)."""
+"""Tests for the DDPM process (sra.diffusion: schedule, ddpm, losses, respace) and its samplers
+(sra.sampling.ddpm)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from sra.diffusion.ddpm import (
-    DDPMConfig,
-    GaussianDiffusion,
-    discretized_gaussian_log_likelihood,
-    mean_flat,
-    normal_kl,
-    space_timesteps,
-)
+from sra.diffusion.ddpm import GaussianDiffusion
+from sra.diffusion.losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from sra.diffusion.respace import space_timesteps
+from sra.diffusion.schedule import DDPMConfig
 from sra.errors import SraError
 from sra.sampling.ddpm import ddim_sample, ddpm_sample
 from sra.sampling.guidance import cfg_combine

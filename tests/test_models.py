@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from sra.errors import SraError
 from sra.models import MODEL_NAMES, ModelConfig, build_model, model_config
-from sra.models.transformer import sincos_pos_embed_2d, timestep_frequencies
+from sra.models.layers import sincos_pos_embed_2d, timestep_frequencies
 
 # Names and shapes of the release's state dicts (a copy of shared/spec/official_state_dict_keys.json).
 SPEC_KEYS = Path(__file__).resolve().parent / "data" / "official_state_dict_keys.json"

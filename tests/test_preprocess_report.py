@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from sra.cli import main as cli_main
-from sra.data.images import REPORT_FILE, ImagesConfig, image_name, preprocess_images, report_path
+from sra.data.formats import image_name
+from sra.data.images import REPORT_FILE, ImagesConfig, preprocess_images, report_path
 from sra.errors import SraError
 
 RES = 32

@@ -13,7 +13,7 @@ from sra.errors import SraError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser with every available subcommand registered."""
+    """The top-level parser with every subcommand registered."""
     parser = argparse.ArgumentParser(
         prog="sra",
         description="Self-Representation Alignment (SRA) for diffusion transformers (SiT / DiT).",
@@ -21,14 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"sra {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module in COMMANDS.items():
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:  # a subcommand whose module is not written yet
-            if exc.name != module:
-                raise
-            continue
-        mod.register(sub)
+    for module in COMMANDS.values():
+        importlib.import_module(module).register(sub)
     return parser
 
 

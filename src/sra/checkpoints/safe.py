@@ -20,21 +20,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from sra.errors import SraError
+from sra.errors import SraError, first_line
 
 _CHUNK = 8 << 20  # hashing reads 8 MiB at a time: memory stays flat for multi-GB files
 _MAX_SAFETENSORS_HEADER = 100_000_000  # safetensors' own limit; larger "lengths" are not headers
-
-
-def clean_line(text: str) -> str:
-    """The first informative line of a library's error text, without advice we must not give
-    (torch suggests ``weights_only=False``, i.e. running the file's code)."""
-    for line in text.splitlines():
-        line = line.strip()
-        low = line.lower()
-        if line and not any(w in low for w in ("weights_only", "weights only", "trusted source")):
-            return line[:200]
-    return ""
+_LINE_LIMIT = 200  # a quoted library message longer than this is noise, not help
 
 
 def _torch_load_problem(exc: BaseException) -> str:
@@ -46,14 +36,13 @@ def _torch_load_problem(exc: BaseException) -> str:
             return (f"refused: it references code ({code.group(1)}), which is never run; only "
                     "tensors and plain data are loaded")
         detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-        reason = clean_line(detail.group(1)) if detail else ""
+        reason = first_line(detail.group(1), limit=_LINE_LIMIT) if detail else ""
         return f"not a tensors-only torch file ({reason or 'unreadable pickle data'})"
     if isinstance(exc, EOFError) or "Ran out of input" in text:
         return "truncated (the data ends early)"
     if "zip archive" in text or "central directory" in text or "PytorchStreamReader" in text:
         return "truncated or corrupt (not a complete torch zip archive)"
-    line = clean_line(text)
-    return f"not a tensors-only torch file ({type(exc).__name__}{': ' + line if line else ''})"
+    return f"not a tensors-only torch file ({first_line(exc, with_type=True, limit=_LINE_LIMIT)})"
 
 
 def safe_torch_load(path: str | Path) -> Any:
@@ -131,7 +120,7 @@ def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except Exception as exc:  # SafetensorError has no stable base class to catch
-        why = clean_line(str(exc)) or type(exc).__name__
+        why = first_line(exc, limit=_LINE_LIMIT)
         raise SraError(f"{path}: not a readable safetensors file ({why})") from None
 
 

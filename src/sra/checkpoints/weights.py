@@ -16,9 +16,9 @@ import torch.nn as nn
 
 from sra.checkpoints.layout import (CKPT_DIR, META, latest_checkpoint, read_meta,
                                     verify_checkpoint, verify_member)
-from sra.checkpoints.safe import check_state_dict, clean_line, load_safetensors, safe_torch_load
+from sra.checkpoints.safe import check_state_dict, load_safetensors, safe_torch_load
 from sra.data.base import SD_VAE_SCALE
-from sra.errors import SraError
+from sra.errors import SraError, first_line
 from sra.models import DiffusionTransformer, ModelConfig, build_model
 from sra.models.registry import SIZES, parse_name
 
@@ -74,7 +74,7 @@ def load_state_dict_strict(model: nn.Module, sd: dict[str, torch.Tensor], source
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as exc:  # e.g. a dtype that cannot be copied into the parameter
-        raise SraError(f"checkpoint {source} does not load: {clean_line(str(exc))}") from None
+        raise SraError(f"checkpoint {source} does not load: {first_line(exc, limit=200)}") from None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

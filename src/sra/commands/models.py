@@ -6,6 +6,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``models`` subcommand."""
     p = sub.add_parser(
         "models", help="list the model registry with parameter counts",
         description="List every registered model name (SiT/DiT × S/B/L/XL × patch 2/4/8) with its "
@@ -19,8 +20,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Print one row per registered model."""
     import torch
 
+    from sra.data.formats import VAE_DOWNSAMPLE
     from sra.models import MODEL_NAMES, build_model, count_parameters, model_config
 
     print(f"{'name':<10} {'depth':>5} {'width':>5} {'heads':>5} {'tokens':>6} "
@@ -28,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     for name in MODEL_NAMES:
         if args.filter and args.filter not in name:
             continue
-        cfg = model_config(name, input_size=args.resolution // 8, num_classes=args.num_classes)
+        cfg = model_config(name, input_size=args.resolution // VAE_DOWNSAMPLE, num_classes=args.num_classes)
         with torch.device("meta"):  # shapes only: no memory, no init cost
             model = build_model(cfg)
         total = count_parameters(model) / 1e6

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 
 
@@ -33,8 +32,10 @@ def _parse_layouts(text: str) -> tuple[str, ...]:
 
 def register(subparsers) -> None:
     """Add ``sra preprocess {images,encode,pack}``."""
-    from sra.data.encode import DEFAULT_SHARD_SIZE
-    from sra.data.images import DEFAULT_PNG_COMPRESS, SMALL_POLICIES
+    from sra.data.base import SD_VAE_SCALE
+    from sra.data.encode_config import LAYOUTS, EncodeConfig
+    from sra.data.formats import DEFAULT_SHARD_SIZE
+    from sra.data.images import DEFAULT_PNG_COMPRESS, SMALL_POLICIES, ImagesConfig
     from sra.data.vae import DEFAULT_VAE, VAE_DTYPES
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
@@ -55,13 +56,13 @@ def register(subparsers) -> None:
     )
     p.add_argument("--source", required=True, help="input folder (one subfolder per class) or .zip")
     p.add_argument("--dest", required=True, help="output folder, or a path ending in .zip")
-    p.add_argument("--resolution", type=int, default=256, help="output side in pixels (256 or 512)")
-    p.add_argument("--small", choices=SMALL_POLICIES, default="upscale",
+    p.add_argument("--resolution", type=int, default=ImagesConfig.resolution,
+                   help="output side in pixels (256 or 512)")
+    p.add_argument("--small", choices=SMALL_POLICIES, default=ImagesConfig.small,
                    help="inputs whose short side is below --resolution: upscale (as ADM) or skip")
     p.add_argument("--png-compress", type=int, default=DEFAULT_PNG_COMPRESS,
                    help="PNG compression level 0..9 (0 = uncompressed, fastest to decode)")
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1) - 1),
-                   help="parallel crop processes")
+    p.add_argument("--workers", type=int, default=ImagesConfig.workers, help="parallel crop processes")
     p.add_argument("--limit", type=int, default=None, help="only the first N inputs (for a trial)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run_images)
@@ -80,19 +81,21 @@ def register(subparsers) -> None:
                    help="image side in pixels; checked against the images (required with --crop)")
     p.add_argument("--crop", action="store_true",
                    help="ADM-crop raw images on the fly (no separate `preprocess images` step)")
-    p.add_argument("--small", choices=SMALL_POLICIES, default="upscale",
+    p.add_argument("--small", choices=SMALL_POLICIES, default=EncodeConfig.small,
                    help="with --crop: inputs below --resolution are upscaled (as ADM) or skipped")
     p.add_argument("--flip", action="store_true",
                    help="also encode horizontally flipped copies (latent files N..2N-1)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per VAE call, per process")
-    p.add_argument("--workers", type=int, default=4, help="image-decoding workers per process")
+    p.add_argument("--batch-size", type=int, default=EncodeConfig.batch_size,
+                   help="images per VAE call, per process")
+    p.add_argument("--workers", type=int, default=EncodeConfig.workers,
+                   help="image-decoding workers per process")
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
                    help="inputs per work shard and packed file (the unit of resumption)")
-    p.add_argument("--layouts", type=_parse_layouts, default=("release", "packed"),
+    p.add_argument("--layouts", type=_parse_layouts, default=LAYOUTS,
                    help="comma-separated outputs: release (vae-sd/ per-file .npy), packed")
     p.add_argument("--latent-scale", type=float, default=None,
-                   help="latent scale stored with the packed data (default 0.18215)")
-    p.add_argument("--dtype", choices=tuple(VAE_DTYPES), default="float32",
+                   help=f"latent scale stored with the packed data (default {SD_VAE_SCALE})")
+    p.add_argument("--dtype", choices=tuple(VAE_DTYPES), default=EncodeConfig.dtype,
                    help="VAE compute dtype (latents are stored as float32 either way)")
     p.add_argument("--limit", type=int, default=None, help="only the first N inputs (for a trial)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -107,7 +110,7 @@ def register(subparsers) -> None:
     p.add_argument("--dest", required=True, help="output folder for the packed data")
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="samples per shard file")
     p.add_argument("--latent-scale", type=float, default=None,
-                   help="latent scale stored with the data (default 0.18215)")
+                   help=f"latent scale stored with the data (default {SD_VAE_SCALE})")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run_pack)
 
@@ -162,7 +165,7 @@ def run_encode(args: argparse.Namespace) -> int:
 
 def run_pack(args: argparse.Namespace) -> int:
     """``sra preprocess pack``."""
-    from sra.data.packed import pack_release
+    from sra.data.release import pack_release
 
     _setup_logging()
     ds = pack_release(args.source, args.dest, shard_size=args.shard_size,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from sra.commands._args import str2bool
+from sra.commands._args import float_list, str2bool
 
 # flag → (dotted config path, type, help). Release flag names are kept verbatim; aliases follow.
 FLAGS: list[tuple[list[str], str, object, str]] = [
@@ -32,6 +32,25 @@ FLAGS: list[tuple[list[str], str, object, str]] = [
     (["--align-schedule"], "align.schedule", str, "λ schedule: constant | exp-decay"),
     (["--align-decay-start"], "align.decay_start", int, "exp-decay: step after which λ decays"),
     (["--align-decay-steps"], "align.decay_steps", int, "exp-decay: steps per factor 0.1"),
+    (["--use-alignment-loss"], "align.enabled", str2bool,
+     "alignment on/off (off: no teacher; with token groups: DTS/AS alone)"),
+    (["--mask-ratio"], "groups.mask_ratios", float_list,
+     "token groups (SiT): one ratio r → groups of ⌊rT⌋ and T−⌊rT⌋ tokens; several ratios → "
+     "normalised; 0 = one group (plain SRA)"),
+    (["--dual-time-scheduling"], "groups.dual_time", str2bool,
+     "token groups: each group draws its own time (off: groups share one)"),
+    (["--attention-separation"], "groups.attention_separation", str2bool,
+     "token groups: a token attends only to its own group"),
+    (["--full-sample-prob"], "groups.full_sample_prob", float,
+     "token groups: probability that a sample stays one group"),
+    (["--teacher-t"], "groups.teacher_t", str,
+     "token groups: teacher input: self_flow (whole image at the cleanest group's t) | same "
+     "(the student's input) | sra (each group at its SRA teacher time)"),
+    (["--teacher-mask"], "groups.teacher_mask", str2bool,
+     "token groups: the teacher gets the groups' attention mask too"),
+    (["--self-flow-clean-compat"], "groups.self_flow_clean_compat", str2bool,
+     "reproduce the reference code's self_flow + teacher-mask quirk (groups ≥ 1 see the clean "
+     "latent)"),
     (["--path-type"], "flow.path_type", str, "SiT interpolant: linear | cosine"),
     (["--prediction"], "flow.prediction", str, "SiT prediction target: v"),
     (["--weighting"], "flow.weighting", str, "SiT time sampler: uniform | lognormal"),

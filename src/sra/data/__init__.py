@@ -1,7 +1,8 @@
-"""Datasets (bundled digits, the release's ``vae-sd`` layout, the packed format) and preprocessing.
+"""Opening a dataset by name (bundled digits, release ``vae-sd`` latents, packed latents).
 
 Training, sampling and evaluation open data through :func:`build_dataset` and see one interface:
-``(x, y)`` items plus ``.info`` (:class:`~sra.data.base.DataInfo`).
+``(x, y)`` items plus ``.info`` (:class:`~sra.data.base.DataInfo`). The submodules also hold the
+preprocessing that makes such data (``images``, ``encode``) and the layouts' names (``formats``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 from torch.utils.data import Dataset
 
 from sra.data.base import SD_VAE_SCALE, DataInfo, decode_scale, draw_latents
+from sra.data.formats import PACKED_DIR, is_packed
+from sra.data.vae import DEFAULT_VAE
 from sra.errors import SraError
 
 __all__ = [
@@ -23,17 +26,17 @@ DIGITS = "digits"
 
 @dataclass(frozen=True)
 class DataConfig:
-    data_dir: str = "digits"  # "digits", a release vae-sd dir/ZIP, or a packed dir
+    """Which data a run trains on, and how it is loaded."""
+
+    data_dir: str = DIGITS  # "digits", a release vae-sd dir/ZIP, or a packed dir
     resolution: int | None = None  # image resolution (checked against the data); None → data's
     num_workers: int = 4
     label_dropout: float = 0.1  # --cfg-prob
-    vae: str = "stabilityai/sd-vae-ft-ema"  # decodes latent sample grids (hub id or local path)
+    vae: str = DEFAULT_VAE  # decodes latent sample grids (hub id or local path)
 
 
 def dataset_kind(spec: str) -> str:
     """Which reader ``spec`` needs: "digits", "packed" or "release" (SraError if none fits)."""
-    from sra.data.encode import PACKED_DIR
-    from sra.data.packed import is_packed
     from sra.data.release import find_release
 
     if spec == DIGITS:
@@ -72,8 +75,7 @@ def build_dataset(
                            f"{resolution}; allowed: {DIGITS_SIZE} (or leave it unset)")
         return DigitsDataset()
     if kind == "packed":
-        from sra.data.encode import PACKED_DIR
-        from sra.data.packed import PackedLatentDataset, is_packed
+        from sra.data.packed import PackedLatentDataset
 
         path = spec if is_packed(spec) else os.path.join(spec, PACKED_DIR)
         dataset: Dataset = PackedLatentDataset(path, latent_scale=latent_scale)

@@ -31,21 +31,16 @@ from PIL import Image
 
 from sra.atomic import atomic_write_json
 from sra.data.crop import adm_center_crop
-from sra.data.sources import LABELS_FILE, ImageSource, image_extensions, open_image_source
+from sra.data.formats import LABELS_FILE, VAE_DOWNSAMPLE, image_name
+from sra.data.sources import ImageSource, image_extensions, open_image_source
 from sra.errors import SraError, check_choice
 
 log = logging.getLogger("sra.data")
 
-VAE_DOWNSAMPLE = 8  # SD-VAE latent = image / 8: resolutions must be multiples of it
 SMALL_POLICIES = ("upscale", "skip")  # images whose short side < resolution
 DEFAULT_PNG_COMPRESS = 0  # uncompressed, as the release (decoding speed over disk size)
 REPORT_FILE = "preprocess_report.json"  # in a folder --dest
 REPORT_VERSION = 1
-
-
-def image_name(index: int) -> str:
-    """Release/edm2 name of image ``index``: ``NNNNN/imgNNNNNNNN.png`` (NNNNN = index // 1000)."""
-    return f"{index // 1000:05d}/img{index:08d}.png"
 
 
 def check_resolution(resolution: int) -> None:

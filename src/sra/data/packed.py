@@ -1,4 +1,4 @@
-"""The packed latent format: a few large ``.npy`` shards, memory-mapped, plus a small header.
+"""The packed latent format, read and written: a few large ``.npy`` shards plus a small header.
 
 Layout of a packed folder::
 
@@ -13,7 +13,8 @@ Layout of a packed folder::
 The header is written last, so a folder with ``sra-packed.json`` is complete. Opening reads the
 header, the label array and the shards' ``.npy`` headers only (``np.load(mmap_mode='r')``);
 a sample read is one copy out of a mapped large file instead of an open/parse/read/close of a
-small file.
+small file. File names live in :mod:`sra.data.formats`; converting release latents is
+:func:`sra.data.release.pack_release`.
 """
 
 from __future__ import annotations
@@ -26,20 +27,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from sra.data.base import SD_VAE_SCALE, DataInfo
+from sra.atomic import atomic_path, atomic_write_json
+from sra.data.base import DataInfo
+from sra.data.formats import INDEX_NAME, LABELS_NAME, PACKED_FORMAT, PACKED_HEADER, PACKED_VERSION
 from sra.errors import SraError
 
-PACKED_HEADER = "sra-packed.json"
-PACKED_FORMAT = "sra-packed"
-PACKED_VERSION = 1
-LABELS_NAME = "labels.npy"
-INDEX_NAME = "index.npy"
 _NPY_HEADER_BYTES = 128  # fixed .npy header size, so the row count can be rewritten in place
-
-
-def shard_name(k: int) -> str:
-    """File name of packed shard ``k``."""
-    return f"shard-{k:05d}.npy"
 
 
 def _npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
@@ -90,10 +83,8 @@ class ShardWriter:
 
 
 def _save_npy_atomic(path: str, arr: np.ndarray) -> None:
-    tmp = path + ".partial"
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, arr)
-    os.replace(tmp, path)
 
 
 def write_packed_header(
@@ -119,15 +110,8 @@ def write_packed_header(
         **(extra or {}),
     }
     path = os.path.join(root, PACKED_HEADER)
-    with open(path + ".partial", "w") as f:
-        json.dump(header, f, indent=1)
-    os.replace(path + ".partial", path)
+    atomic_write_json(path, header)
     return path
-
-
-def is_packed(path: str) -> bool:
-    """Whether ``path`` is a finished packed folder."""
-    return os.path.isfile(os.path.join(path, PACKED_HEADER))
 
 
 class PackedLatentDataset(Dataset):
@@ -249,11 +233,6 @@ class PackedLatentDataset(Dataset):
             out[j] = maps[k][i - self._starts[k]]
         return out
 
-    def get_batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x (B, 2C, H, W), y (B,)) for ``indices``: a batch without a collate step."""
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        return torch.from_numpy(self.read_many(idx)), torch.from_numpy(self.labels[idx])
-
     def __getitems__(self, indices) -> list[tuple[torch.Tensor, int]]:
         """Batched fetch used by ``DataLoader``: rows gathered into one array."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
@@ -264,50 +243,3 @@ class PackedLatentDataset(Dataset):
         state = dict(self.__dict__)
         state["_maps"] = None  # re-map in the receiving process instead of pickling the data
         return state
-
-
-def pack_release(
-    source: str, dest: str, shard_size: int = 20000, latent_scale: float | None = None,
-    progress: bool = True,
-) -> PackedLatentDataset:
-    """Convert a release ``vae-sd`` folder/ZIP into a packed folder at ``dest``."""
-    from tqdm import tqdm
-
-    from sra.data.release import ReleaseLatentDataset
-
-    if shard_size <= 0:
-        raise SraError(f"--shard-size must be a positive integer, got {shard_size}")
-    if is_packed(dest):
-        raise SraError(f"{dest} already holds a packed dataset; choose another --dest or delete it")
-    release = ReleaseLatentDataset(source, latent_scale=latent_scale)
-    os.makedirs(dest, exist_ok=True)
-    shape = release.sample_shape
-    shards: list[tuple[str, int]] = []
-    bar = tqdm(total=len(release), desc="pack", unit="sample", disable=not progress)
-    for k, start in enumerate(range(0, len(release), shard_size)):
-        writer = ShardWriter(os.path.join(dest, shard_name(k)), shape)
-        try:
-            for i in range(start, min(start + shard_size, len(release))):
-                writer.append(release.read(i)[None])
-                bar.update(1)
-        except BaseException:
-            writer.abort()
-            raise
-        shards.append((shard_name(k), writer.close()))
-    bar.close()
-    write_packed_header(dest, shards, release.labels, release.file_numbers(), release.info, shape,
-                        extra={"source": os.path.abspath(source)})
-    return PackedLatentDataset(dest)
-
-
-def moments_info(sample_shape: tuple[int, ...], num_classes: int,
-                 latent_scale: float | None = None) -> DataInfo:
-    """DataInfo of VAE moments of shape (2C, h, w) (resolution = 8·h)."""
-    from sra.data.images import VAE_DOWNSAMPLE
-
-    c2, h, w = sample_shape
-    return DataInfo(
-        kind="moments", channels=c2 // 2, size=h, num_classes=int(num_classes),
-        latent_scale=SD_VAE_SCALE if latent_scale is None else float(latent_scale),
-        latent_bias=0.0, resolution=h * VAE_DOWNSAMPLE,
-    )

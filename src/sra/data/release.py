@@ -1,9 +1,10 @@
-"""The release's (edm2/REPA) latent layout, read as-is from a folder or a ZIP.
+"""The release's (edm2/REPA) latent layout, read as-is from a folder or a ZIP, and packed.
 
 ``vae-sd/`` holds one ``.npy`` per image, float32 (8, H/8, W/8) = posterior mean‖std, named
 ``NNNNN/img-mean-std-NNNNNNNN.npy``, and ``dataset.json`` = ``{"labels": [[relpath, class], ...]}``.
 Samples are the ``.npy`` files in sorted relative-path order (as the release lists them), each
-with the label ``dataset.json`` gives its path.
+with the label ``dataset.json`` gives its path. :func:`pack_release` converts such latents into
+the packed format (:mod:`sra.data.packed`).
 """
 
 from __future__ import annotations
@@ -17,17 +18,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from sra.data.packed import moments_info
-from sra.data.sources import LABELS_FILE, align_labels, read_labels_json
+from sra.data.formats import (
+    DEFAULT_SHARD_SIZE, LABELS_FILE, RELEASE_DIR, is_packed, moments_info, shard_name,
+)
+from sra.data.packed import PackedLatentDataset, ShardWriter, write_packed_header
+from sra.data.sources import align_labels, read_labels_json
 from sra.errors import SraError
 
-RELEASE_DIR = "vae-sd"  # the latents' folder (or ZIP stem) inside a release data folder
-_NUMBER = re.compile(r"img-mean-std-(\d+)\.npy$")
-
-
-def latent_name(index: int) -> str:
-    """Release name of latent file ``index``: ``NNNNN/img-mean-std-NNNNNNNN.npy``."""
-    return f"{index // 1000:05d}/img-mean-std-{index:08d}.npy"
+_NUMBER = re.compile(r"img-mean-std-(\d+)\.npy$")  # the NNNNNNNN of a latent_name()
 
 
 def find_release(path: str) -> str | None:
@@ -148,3 +146,35 @@ class ReleaseLatentDataset(Dataset):
         state = dict(self.__dict__)
         state["_zip"], state["_zip_pid"] = None, None
         return state
+
+
+def pack_release(
+    source: str, dest: str, shard_size: int = DEFAULT_SHARD_SIZE, latent_scale: float | None = None,
+    progress: bool = True,
+) -> PackedLatentDataset:
+    """Convert a release ``vae-sd`` folder/ZIP into a packed folder at ``dest``."""
+    from tqdm import tqdm
+
+    if shard_size <= 0:
+        raise SraError(f"--shard-size must be a positive integer, got {shard_size}")
+    if is_packed(dest):
+        raise SraError(f"{dest} already holds a packed dataset; choose another --dest or delete it")
+    release = ReleaseLatentDataset(source, latent_scale=latent_scale)
+    os.makedirs(dest, exist_ok=True)
+    shape = release.sample_shape
+    shards: list[tuple[str, int]] = []
+    bar = tqdm(total=len(release), desc="pack", unit="sample", disable=not progress)
+    for k, start in enumerate(range(0, len(release), shard_size)):
+        writer = ShardWriter(os.path.join(dest, shard_name(k)), shape)
+        try:
+            for i in range(start, min(start + shard_size, len(release))):
+                writer.append(release.read(i)[None])
+                bar.update(1)
+        except BaseException:
+            writer.abort()
+            raise
+        shards.append((shard_name(k), writer.close()))
+    bar.close()
+    write_packed_header(dest, shards, release.labels, release.file_numbers(), release.info, shape,
+                        extra={"source": os.path.abspath(source)})
+    return PackedLatentDataset(dest)

@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from sra.data.formats import LABELS_FILE
 from sra.errors import SraError
 
 log = logging.getLogger("sra.data")
-
-LABELS_FILE = "dataset.json"
 
 
 def image_extensions() -> frozenset[str]:

@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from sra.errors import SraError, check_choice
+from sra.errors import SraError, check_choice, first_line
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"  # encoder weights equal sd-vae-ft-mse's
 VAE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -33,9 +33,8 @@ def load_vae(name_or_path: str, device: torch.device | str = "cpu", dtype: str =
     try:
         vae = AutoencoderKL.from_pretrained(name_or_path, torch_dtype=VAE_DTYPES[dtype], **kwargs)
     except (OSError, ValueError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SraError(
-            f"cannot load VAE {name_or_path!r} ({first}); pass a local folder saved with "
+            f"cannot load VAE {name_or_path!r} ({first_line(exc)}); pass a local folder saved with "
             "AutoencoderKL.save_pretrained, or a hub id reachable from this machine"
         ) from None
     return vae.to(device).eval().requires_grad_(False)

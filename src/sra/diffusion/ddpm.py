@@ -1,10 +1,11 @@
-"""Discrete-time Gaussian diffusion (DDPM) for the DiT family.
+"""The discrete-time Gaussian diffusion process (DDPM) of the DiT family: :class:`GaussianDiffusion`.
 
-Everything the DiT objective and the DDPM/DDIM samplers need lives here: the beta schedule,
-the forward process ``q(x_t | x_0)``, the true posterior ``q(x_{t-1} | x_t, x_0)``, the model's
-reverse step ``p(x_{t-1} | x_t)`` with a learned-range variance, the hybrid loss
-(MSE on ε + variational bound with the mean frozen, as in improved DDPM / DiT) and timestep
-respacing.
+From a beta schedule (:mod:`sra.diffusion.schedule`) it gives what the DiT objective and the
+DDPM/DDIM samplers need: the forward process ``q(x_t | x_0)``, the true posterior
+``q(x_{t-1} | x_t, x_0)``, the model's reverse step ``p(x_{t-1} | x_t)`` with a learned-range
+variance, the hybrid loss (MSE on ε + variational bound with the mean frozen, as in improved
+DDPM / DiT; elementwise terms in :mod:`sra.diffusion.losses`) and respaced copies of itself
+(:mod:`sra.diffusion.respace`).
 
 Schedules are kept as float64 numpy arrays (the precision the products of 1000 alphas need);
 values are gathered per sample, cast to float32 (float64 for float64 inputs) and broadcast.
@@ -18,203 +19,15 @@ ORIGINAL step (0..999) of each of its indices; the model must always be fed orig
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import NamedTuple, Sequence, Union
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
 
-from sra.errors import SraError, check_choice
-
-BETA_SCHEDULES = ("linear", "cosine")
-FIXED_VARIANCES = ("large", "small")
-# Improved DDPM's linear schedule is defined for 1000 steps; other step counts scale the
-# endpoints by REFERENCE_STEPS / num_steps so that the total noise stays comparable.
-REFERENCE_STEPS = 1000
-# Cosine schedule (improved DDPM): offset s and the cap on betas near t = T.
-COSINE_OFFSET = 0.008
-COSINE_MAX_BETA = 0.999
-# Discretized decoder: data in [-1, 1] quantised to 256 levels → half bin width 1/255.
-PIXEL_HALF_BIN = 1.0 / 255.0
-# The decoder treats values beyond ±EDGE as the open-ended first/last bin.
-PIXEL_EDGE = 0.999
-LOG_CLAMP = 1e-12
-
-Respacing = Union[int, str, Sequence[int]]
-
-
-@dataclass
-class DDPMConfig:
-    """Numbers that define a DDPM process (defaults = DiT / improved DDPM)."""
-
-    num_steps: int = 1000
-    beta_schedule: str = "linear"
-    # Endpoints of the linear schedule at 1000 steps (scaled by 1000/num_steps).
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
-    # Model outputs ε ‖ v (2C channels) with a learned-range variance; else ε only (C).
-    learn_sigma: bool = True
-    # Variance used when learn_sigma is False: "large" = β_t, "small" = posterior β̃_t.
-    fixed_variance: str = "large"
-    # Scale the VB term by num_steps/1000 (improved DDPM's hybrid loss; 1 at 1000 steps,
-    # identical to DiT's loss there).
-    rescale_vb: bool = True
-    # Validate timestep tensors (one host sync per call; turn off for compiled graphs).
-    check_timesteps: bool = True
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.num_steps, (int, np.integer)) or self.num_steps < 1:
-            raise SraError(f"num_steps must be a positive integer, got {self.num_steps!r}")
-        check_choice("beta schedule", self.beta_schedule, BETA_SCHEDULES)
-        check_choice("fixed variance", self.fixed_variance, FIXED_VARIANCES)
-        if self.beta_schedule == "linear":
-            lo, hi = self.scaled_beta_range()
-            if not (0.0 < lo <= hi < 1.0):
-                raise SraError(
-                    f"linear betas must satisfy 0 < beta_start <= beta_end < 1 after scaling by "
-                    f"{REFERENCE_STEPS}/num_steps; got [{lo}, {hi}] for num_steps={self.num_steps}"
-                )
-
-    def scaled_beta_range(self) -> tuple[float, float]:
-        """Linear-schedule endpoints after the 1000/num_steps scaling."""
-        scale = REFERENCE_STEPS / self.num_steps
-        return self.beta_start * scale, self.beta_end * scale
-
-
-def make_betas(config: DDPMConfig) -> np.ndarray:
-    """The float64 beta schedule of ``config`` (length ``num_steps``)."""
-    n = config.num_steps
-    if config.beta_schedule == "linear":
-        lo, hi = config.scaled_beta_range()
-        return np.linspace(lo, hi, n, dtype=np.float64)
-    # cosine: betas from the ratio of consecutive ᾱ(t) = cos²((t/T + s)/(1 + s)·π/2)
-    def alpha_bar(u: np.ndarray) -> np.ndarray:
-        return np.cos((u + COSINE_OFFSET) / (1 + COSINE_OFFSET) * math.pi / 2) ** 2
-
-    u = np.arange(n + 1, dtype=np.float64) / n
-    ab = alpha_bar(u)
-    return np.minimum(1.0 - ab[1:] / ab[:-1], COSINE_MAX_BETA)
-
-
-# ----------------------------------------------------------------------------------------
-# Gaussian helpers (elementwise; callers reduce with mean_flat)
-
-
-def mean_flat(x: torch.Tensor) -> torch.Tensor:
-    """Mean over all non-batch dimensions: (N, ...) → (N,)."""
-    return x.mean(dim=tuple(range(1, x.ndim))) if x.ndim > 1 else x
-
-
-def normal_kl(
-    mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor
-) -> torch.Tensor:
-    """Elementwise KL( N(mean1, e^logvar1) ‖ N(mean2, e^logvar2) ) in nats (broadcasting)."""
-    return 0.5 * (
-        logvar2 - logvar1 - 1.0 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
-    )
-
-
-def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
-    """Fast tanh approximation of the standard normal CDF (the one used by DDPM decoders)."""
-    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
-
-
-def discretized_gaussian_log_likelihood(
-    x: torch.Tensor, *, means: torch.Tensor, log_scales: torch.Tensor
-) -> torch.Tensor:
-    """Elementwise log-probability (nats) of data ``x`` in [-1, 1] quantised to 256 bins.
-
-    Each value owns the interval x ± 1/255 under N(means, exp(log_scales)²); the first and
-    last bins extend to −∞ and +∞ so the probabilities of the 256 bins sum to one.
-    """
-    if x.shape != means.shape or x.shape != log_scales.shape:
-        raise SraError(
-            f"x, means and log_scales must share a shape, got {tuple(x.shape)}, "
-            f"{tuple(means.shape)}, {tuple(log_scales.shape)}"
-        )
-    centered = x - means
-    inv_std = torch.exp(-log_scales)
-    cdf_hi = approx_standard_normal_cdf(inv_std * (centered + PIXEL_HALF_BIN))
-    cdf_lo = approx_standard_normal_cdf(inv_std * (centered - PIXEL_HALF_BIN))
-    log_cdf_hi = torch.log(cdf_hi.clamp(min=LOG_CLAMP))
-    log_one_minus_cdf_lo = torch.log((1.0 - cdf_lo).clamp(min=LOG_CLAMP))
-    log_delta = torch.log((cdf_hi - cdf_lo).clamp(min=LOG_CLAMP))
-    return torch.where(
-        x < -PIXEL_EDGE, log_cdf_hi, torch.where(x > PIXEL_EDGE, log_one_minus_cdf_lo, log_delta)
-    )
-
-
-# ----------------------------------------------------------------------------------------
-# Respacing
-
-
-def space_timesteps(num_timesteps: int, section_counts: Respacing) -> list[int]:
-    """Sorted subset of ``range(num_timesteps)`` to keep when respacing.
-
-    ``section_counts``:
-    - an int or a string of comma-separated ints ("250", "10,15,20"): the range is cut into
-      that many equal sections (earlier sections get the remainder) and each section keeps
-      the given number of evenly strided steps (first and last of the section included);
-    - "ddimN": the integer stride whose ``range(0, T, stride)`` has exactly N steps (DDIM);
-    - "": no respacing;
-    - a sequence of ints: exactly those steps.
-    """
-    T = num_timesteps
-    allowed = "an int, '' , 'N', 'N1,N2,...', 'ddimN' or a list of step indices"
-    if isinstance(section_counts, (int, np.integer)) and not isinstance(section_counts, bool):
-        counts = [int(section_counts)]
-    elif isinstance(section_counts, str):
-        spec = section_counts.strip()
-        if spec == "":
-            return list(range(T))
-        if spec.startswith("ddim"):
-            try:
-                desired = int(spec[len("ddim"):])
-            except ValueError:
-                raise SraError(f"bad timestep respacing {section_counts!r}; allowed: {allowed}") from None
-            for stride in range(1, T + 1):
-                steps = list(range(0, T, stride))
-                if len(steps) == desired:
-                    return steps
-            raise SraError(
-                f"cannot take exactly {desired} DDIM steps with an integer stride from {T} steps; "
-                f"allowed: counts N with len(range(0, {T}, stride)) == N"
-            )
-        try:
-            counts = [int(p) for p in spec.split(",")]
-        except ValueError:
-            raise SraError(f"bad timestep respacing {section_counts!r}; allowed: {allowed}") from None
-    elif isinstance(section_counts, Sequence):
-        try:
-            steps = sorted({int(s) for s in section_counts})
-        except (TypeError, ValueError):
-            raise SraError(f"bad timestep respacing {section_counts!r}; allowed: {allowed}") from None
-        if not steps or steps[0] < 0 or steps[-1] >= T:
-            raise SraError(f"respacing steps must be a non-empty subset of 0..{T - 1}, got {list(section_counts)!r}")
-        return steps
-    else:
-        raise SraError(f"bad timestep respacing {section_counts!r}; allowed: {allowed}")
-
-    if len(counts) > T:
-        raise SraError(f"respacing {section_counts!r} has more sections than the {T} steps")
-    size_per, extra = divmod(T, len(counts))
-    kept: list[int] = []
-    start = 0
-    for i, count in enumerate(counts):
-        size = size_per + (1 if i < extra else 0)
-        if count < 1 or count > size:
-            raise SraError(
-                f"respacing section {i} asks for {count} steps; allowed: 1..{size} "
-                f"(sections of {T} steps split into {len(counts)})"
-            )
-        stride = 1.0 if count == 1 else (size - 1) / (count - 1)
-        kept.extend(start + round(k * stride) for k in range(count))
-        start += size
-    return sorted(set(kept))
-
-
-# ----------------------------------------------------------------------------------------
-
+from sra.diffusion.losses import LOG_CLAMP, discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from sra.diffusion.respace import Respacing, respaced_betas, space_timesteps
+from sra.diffusion.schedule import REFERENCE_STEPS, DDPMConfig, make_betas
+from sra.errors import SraError
 
 class PMeanVar(NamedTuple):
     """The model's reverse step p(x_{t-1} | x_t) and its x_0 estimate."""
@@ -346,13 +159,6 @@ class GaussianDiffusion:
         return self.gather("sqrt_alphas_cumprod", t, x0) * x0 + self.gather(
             "sqrt_one_minus_alphas_cumprod", t, x0
         ) * noise
-
-    def q_mean_variance(self, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Mean, variance and log-variance of q(x_t | x0)."""
-        self._check_t(t, x0)
-        mean = self.gather("sqrt_alphas_cumprod", t, x0) * x0
-        var = self.gather("sqrt_one_minus_alphas_cumprod", t, x0) ** 2
-        return mean, var.expand_as(x0), self.gather("log_one_minus_alphas_cumprod", t, x0).expand_as(x0)
 
     def q_posterior_mean_variance(
         self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, *, check_t: bool = True
@@ -494,12 +300,7 @@ class GaussianDiffusion:
         ``timestep_map`` of the result gives ORIGINAL steps (composed through this one's map).
         """
         keep = space_timesteps(self.num_timesteps, timesteps)
-        new_betas = []
-        last = 1.0
-        for i in keep:
-            ac = self.alphas_cumprod[i]
-            new_betas.append(1.0 - ac / last)
-            last = ac
         return GaussianDiffusion(
-            self.config, betas=np.asarray(new_betas), timestep_map=[int(self.timestep_map[i]) for i in keep]
+            self.config, betas=respaced_betas(self.alphas_cumprod, keep),
+            timestep_map=[int(self.timestep_map[i]) for i in keep],
         )

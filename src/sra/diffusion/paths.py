@@ -16,7 +16,11 @@ from sra.errors import choice_error
 
 
 def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(N,) → (N, 1, 1, …) to broadcast against ``like``; keeps ``like``'s dtype."""
+    """(N,) → (N, 1, 1, …) to broadcast against ``like``; a time map that already has ``like``'s
+    rank (e.g. (N, 1, H, W), one time per pixel for token groups) is used as it is. Keeps
+    ``like``'s dtype."""
+    if t.dim() == like.dim():
+        return t.to(like.dtype)
     return t.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
 
 

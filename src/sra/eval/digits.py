@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sra.data.digits import DIGITS_CLASSES, DIGITS_SIZE, load_digits_arrays
-from sra.errors import SraError
+from sra.errors import SraError, first_line
 from sra.eval.metrics import feature_statistics, frechet_distance
 
 CACHE_ENV = "SRA_CACHE_DIR"
@@ -218,7 +218,7 @@ def _read_classifier(path: Path) -> DigitsClassifier:
         model.test_acc = float(test_acc) if test_acc not in (None, "None") else None
     except (SafetensorError, OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
         # SafetensorError: truncated/random bytes; the rest: valid safetensors of another layout
-        raise _UnusableCache(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+        raise _UnusableCache(first_line(exc, with_type=True)) from None
     return model.eval()
 
 

@@ -32,7 +32,8 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from sra.errors import SraError
+from sra.devices import resolve_device
+from sra.errors import SraError, first_line
 
 # torch-fidelity's conversion of the TF "2015-12-05" graph (the graph the ADM suite runs).
 INCEPTION_URL = (
@@ -162,7 +163,7 @@ def load_inception_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor
         try:
             state = load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise SraError(f"{path} is not a readable safetensors file ({_first_line(exc)})") from None
+            raise SraError(f"{path} is not a readable safetensors file ({first_line(exc, with_type=True)})") from None
     else:
         with open(path, "rb") as f:
             magic = f.read(4)
@@ -188,11 +189,6 @@ def load_inception_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor
     ):
         raise SraError(f"{path} is not a state dict (a mapping of names to tensors), got {type(state).__name__}")
     return state
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def build_inception(state_dict: dict[str, torch.Tensor], where: str | os.PathLike = "state dict") -> nn.Module:
@@ -221,7 +217,7 @@ def build_inception(state_dict: dict[str, torch.Tensor], where: str | os.PathLik
     try:
         net.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:  # e.g. a dtype that cannot be copied
-        raise SraError(f"{where}: cannot load the Inception-v3 state dict ({_first_line(exc)})") from None
+        raise SraError(f"{where}: cannot load the Inception-v3 state dict ({first_line(exc, with_type=True)})") from None
     return net.float().requires_grad_(False).eval()
 
 
@@ -239,10 +235,7 @@ class InceptionFeatures(nn.Module):
         self._spatial: torch.Tensor | None = None
         # torch-fidelity exposes no mixed_6/conv output: catch it with a hook during the one pass.
         self.net.get_submodule(SPATIAL_MODULE).register_forward_hook(self._keep_spatial)
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        device = torch.device(device)
-        self.to(device)
+        self.to(resolve_device(device))
         self.eval()
 
     def _keep_spatial(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:

@@ -81,6 +81,13 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.projector_dim or 2 * self.hidden_size
 
+    def check_blocks(self, blocks, what: str = "block") -> None:
+        """Raise a one-line error unless every block number is in 1..depth (the one place this
+        range is checked: the model's forward, the alignment blocks, the PCA figure)."""
+        for b in blocks:
+            if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= self.depth:
+                raise SraError(f"{what} {b!r} is outside 1..{self.depth} (the model's depth)")
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -9,6 +9,7 @@ and read only at log or checkpoint steps, where the loop syncs anyway.
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import time
 from pathlib import Path
@@ -175,3 +176,20 @@ class RateTimer:
         now = time.perf_counter()
         dt, self.t = max(now - self.t, 1e-9), now
         return {"steps_per_s": steps / dt, "images_per_s": steps * global_batch / dt}
+
+
+def setup_run_logging(path: Path) -> None:
+    """Everything to ``log.txt``; warnings also to the console (tqdm owns the rest of it)."""
+    root = logging.getLogger("sra")
+    root.setLevel(logging.INFO)
+    if not any(isinstance(h, logging.FileHandler) and h.baseFilename == str(path.resolve())
+               for h in root.handlers):
+        fh = logging.FileHandler(path)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        root.addHandler(fh)
+    if not any(getattr(h, "_sra_console", False) for h in root.handlers):
+        console = logging.StreamHandler()
+        console.setLevel(logging.WARNING)
+        console.setFormatter(logging.Formatter("sra: %(levelname)s: %(message)s"))
+        console._sra_console = True
+        root.addHandler(console)

@@ -27,12 +27,12 @@ from sra.atomic import atomic_write_json
 from sra.data.base import DataInfo, draw_latents
 from sra.errors import SraError
 from sra.models import build_model
-from sra.objectives import SRAObjective, make_process
 from sra.training import checkpoint as ckpt
 from sra.training.batches import Position, ShardedBatchSampler, advance
-from sra.training.config import TrainConfig, resolve_model_config
+from sra.training.config import TrainConfig, build_objective, resolve_model_config
 from sra.training.bookkeeping import (NonFiniteGuard, RateTimer, StatsWindow, StopFlag, any_process,
-                                      check_replicas, flatten, reduce_mean, truncate_metrics)
+                                      check_replicas, flatten, reduce_mean, setup_run_logging,
+                                      truncate_metrics)
 from sra.training.ema import ema_decay, make_ema, update_ema
 from sra.training.monitor import METRICS_FILE, Monitor, MonitorConfig
 from sra.training.optim import build_optimizer, learning_rate
@@ -103,8 +103,7 @@ class Trainer:
         opt = build_optimizer(model, cfg.optim, acc.device)
         self.fused = bool(opt.defaults.get("fused"))
         set_seed(loop.seed, device_specific=True)  # but different noise per process
-        self.objective = SRAObjective(make_process(self.model_cfg.family, cfg.flow), cfg.align,
-                                      cfg.data.label_dropout, self.model_cfg.num_classes)
+        self.objective = build_objective(cfg, self.model_cfg)
         at = Resumed(step=0, start=Position(), skipped=0)
         if state is not None:
             at = apply_state(state, acc, model, self.ema, opt, loop.seed, self.notes)
@@ -266,7 +265,7 @@ class Trainer:
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.run_dir / "config.json", self.resolved_config())
-            _setup_file_logging(self.run_dir / "log.txt")
+            setup_run_logging(self.run_dir / "log.txt")
             truncate_metrics(self.run_dir / METRICS_FILE, self.step)
         if loop.report_to != "none":
             acc.init_trackers(cfg.exp_name, config={k: str(v) for k, v in
@@ -331,23 +330,6 @@ class Trainer:
             return json.loads((self.run_dir / EVAL_DIGITS_FILE).read_text())["step"] == self.step
         except (OSError, ValueError, KeyError, TypeError):
             return False
-
-def _setup_file_logging(path: Path) -> None:
-    """Everything to ``log.txt``; warnings also to the console (tqdm owns the rest of it)."""
-    root = logging.getLogger("sra")
-    root.setLevel(logging.INFO)
-    if not any(isinstance(h, logging.FileHandler) and h.baseFilename == str(path.resolve())
-               for h in root.handlers):
-        fh = logging.FileHandler(path)
-        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        root.addHandler(fh)
-    if not any(getattr(h, "_sra_console", False) for h in root.handlers):
-        console = logging.StreamHandler()
-        console.setLevel(logging.WARNING)
-        console.setFormatter(logging.Formatter("sra: %(levelname)s: %(message)s"))
-        console._sra_console = True
-        root.addHandler(console)
-
 
 def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     """Train per ``cfg`` (resuming from a checkpoint path or ``"auto"``); returns the run dir."""

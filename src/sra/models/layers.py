@@ -1,0 +1,186 @@
+"""The transformer's building blocks: embeddings, attention, the adaLN-Zero block, the final
+layer and the SRA projector head (docs/method.md §2). Module names equal the release's."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+FREQ_EMBED_DIM = 256  # sinusoidal time-embedding size (SPEC §2b)
+MAX_PERIOD = 10000.0
+LN_EPS = 1e-6
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: x·(1 + scale) + shift; shift/scale are (N, 1, D) (one per sample) or (N, T, D)."""
+    return x * (1 + scale) + shift
+
+
+def per_token(mod: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
+    """Conditioning outputs to token resolution.
+
+    ``mod`` is (N, K) for one conditioning per sample → (N, 1, K), broadcast over the tokens; or
+    (N, G, K), one per token group, with ``groups`` (N, T) the group of every token → gathered to
+    (N, T, K). The modulation itself was computed once per group, never once per token.
+    """
+    if groups is None:
+        return mod.unsqueeze(1)
+    return torch.gather(mod, 1, groups.unsqueeze(-1).expand(-1, -1, mod.shape[-1]))
+
+
+def timestep_frequencies(t: torch.Tensor, dim: int = FREQ_EMBED_DIM) -> torch.Tensor:
+    """Sinusoidal embedding [cos(t·f), sin(t·f)] (cos first) of the raw time value, (N,) → (N, dim)."""
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(MAX_PERIOD) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    )  # (half,)
+    args = t.float()[:, None] * freqs[None]  # (N, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb.to(t.dtype) if t.is_floating_point() else emb
+
+
+def sincos_pos_embed_2d(dim: int, grid: int) -> np.ndarray:
+    """Fixed MAE-style 2-D sin-cos table, (grid·grid, dim), row-major tokens.
+
+    The first dim/2 features encode the column index, the last dim/2 the row index.
+    """
+
+    def embed_1d(d: int, pos: np.ndarray) -> np.ndarray:
+        omega = 1.0 / MAX_PERIOD ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))  # (d/2,)
+        out = pos.reshape(-1).astype(np.float64)[:, None] * omega[None]  # (P, d/2)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)  # (P, d)
+
+    cols, rows = np.meshgrid(np.arange(grid), np.arange(grid))  # each (grid, grid), row-major
+    return np.concatenate([embed_1d(dim // 2, cols), embed_1d(dim // 2, rows)], axis=1)
+
+
+class PatchEmbed(nn.Module):
+    """Conv with kernel = stride = patch: (N, C, H, W) → (N, T, D), tokens row-major."""
+
+    def __init__(self, patch: int, in_channels: int, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch, stride=patch, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (N, D, h, w) → (N, T, D)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal frequencies of the raw time value → Linear → SiLU → Linear."""
+
+    def __init__(self, dim: int, freq_dim: int = FREQ_EMBED_DIM):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_frequencies(t, self.freq_dim))  # (N, D)
+
+
+class LabelEmbedder(nn.Module):
+    """Class table with one extra row, index ``num_classes``, for the null (unconditional) label."""
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embedding_table = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.embedding_table(y)  # (N, D)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with optional qk-norm; SDPA unless ``fused`` is switched off."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=LN_EPS) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=LN_EPS) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+        self.fused = True  # False: explicit softmax(q·kᵀ/√d)·v, the release's non-fused path
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask``: optional bool (N, 1, T, T), True where token i may attend to token j."""
+        N, T, D = x.shape
+        qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, H, T, d)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.fused:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            attn = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)  # (N, H, T, T)
+            if mask is not None:
+                attn = attn.masked_fill(~mask, float("-inf"))
+            x = attn.softmax(dim=-1) @ v
+        x = x.transpose(1, 2).reshape(N, T, D)  # merge heads
+        return self.proj(x)
+
+
+class Mlp(nn.Module):
+    """fc1 → GELU(tanh) → fc2."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """adaLN-Zero block: gated residual attention and MLP, modulated by the conditioning c."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qk_norm: bool):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=LN_EPS)
+        self.attn = Attention(dim, num_heads, qk_norm)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=LN_EPS)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, groups: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        # x (N, T, D); c (N, D), or (N, G, D) with groups (N, T); mask (N, 1, T, T) or None
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = per_token(
+            self.adaLN_modulation(c), groups).chunk(6, dim=-1)  # each (N, 1 or T, D)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), mask)
+        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm + adaLN (shift, scale) + Linear to patch²·out_channels."""
+
+    def __init__(self, dim: int, patch: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=LN_EPS)
+        self.linear = nn.Linear(dim, patch * patch * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+        shift, scale = per_token(self.adaLN_modulation(c), groups).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, T, p²·C_out)
+
+
+class ProjectorHead(nn.Module):
+    """SRA head on the student's tokens: Linear(D, 2D) → SiLU → Linear(2D, D)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.linear1 = nn.Linear(dim, hidden)
+        self.act = nn.SiLU()
+        self.linear2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear2(self.act(self.linear1(x)))
