@@ -42,6 +42,7 @@ from common import (  # noqa: E402
 )
 from sra.models import ModelConfig, build_model, model_config  # noqa: E402
 from sra.sampling import SamplerConfig, generate  # noqa: E402
+from sra.sampling.schedules import sde_times  # noqa: E402
 
 CFG_SCALE, GUIDANCE_LOW, GUIDANCE_HIGH = 1.8, 0.0, 0.7  # paper 256 px (SPEC §5)
 DEFAULT_STEPS = 250
@@ -133,9 +134,9 @@ def run_case(case: SampleCase, device: torch.device, steps: int, amp: torch.dtyp
     timings = time_interleaved(runs, device, warmup, repeats, on_result=record)
     del runs
     release_memory(device)
-    grid = torch.linspace(1.0, sampler_config(steps, "float32").sde_last_t, steps,
-                          dtype=torch.float64).tolist()
-    n_img = network_images(steps, case.batch, grid)
+    last_t = sampler_config(steps, "float32").sde_last_t
+    # the SDE evaluates the network at every grid time but the last (its mean step ends at 0)
+    n_img = network_images(steps, case.batch, sde_times(steps, last_t)[:-1])
     fwd_flops = 2 * forward_macs(m)
     ref = first["release"]
     scale = float(ref.std())

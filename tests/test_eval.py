@@ -12,6 +12,7 @@ import torch
 from scipy.stats import ortho_group
 
 from sra.cli import main as cli_main
+from sra.data import adm_npz as A
 from sra.errors import SraError
 from sra.eval import evaluate as E
 from sra.eval import metrics as M
@@ -279,23 +280,23 @@ def test_npz_streaming_reader_and_validation(tmp_path):
     for saver in (np.savez, np.savez_compressed):
         path = tmp_path / f"{saver.__name__}.npz"
         saver(path, arr_0=imgs, labels=np.arange(23))
-        reader = E.NpzImages(path)
+        reader = A.NpzImages(path)
         assert len(reader) == 23 and reader.dtype == np.uint8
         batches = list(reader.batches(5))
         assert [len(b) for b in batches] == [5, 5, 5, 5, 3]
         np.testing.assert_array_equal(np.concatenate(batches), imgs)
     gray = imgs[..., :1]
-    np.testing.assert_array_equal(E.to_rgb_uint8(gray), np.repeat(gray, 3, -1))
+    np.testing.assert_array_equal(A.to_rgb_uint8(gray), np.repeat(gray, 3, -1))
     with pytest.raises(SraError, match="uint8"):
-        E.to_rgb_uint8(imgs.astype(np.float32))
+        A.to_rgb_uint8(imgs.astype(np.float32))
     with pytest.raises(SraError, match="uint8"):
-        E.to_rgb_uint8(imgs.transpose(0, 3, 1, 2))  # NCHW is not the ADM layout
+        A.to_rgb_uint8(imgs.transpose(0, 3, 1, 2))  # NCHW is not the ADM layout
     np.savez(tmp_path / "nokey.npz", images=imgs)
     with pytest.raises(SraError, match="arr_0"):
-        E.NpzImages(tmp_path / "nokey.npz")
+        A.NpzImages(tmp_path / "nokey.npz")
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(SraError, match="not an npz"):
-        E.NpzImages(tmp_path / "junk.npz")
+        A.NpzImages(tmp_path / "junk.npz")
 
 
 # ----------------------------------------------------------------------------- end to end

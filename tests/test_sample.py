@@ -1,6 +1,7 @@
 """`sra sample`: world-size invariance (real processes), the ADM npz, resuming, VAE decoding."""
 
 import argparse
+import dataclasses
 import json
 import os
 import socket
@@ -19,11 +20,12 @@ from sra.cli import main
 from sra.data.base import DataInfo
 from sra.errors import SraError
 from sra.models import ModelConfig, build_model
-from sra.sampling import runner
+from sra.data.adm_npz import write_adm_npz
+from sra.sampling import fixed, outputs
 from sra.sampling.decode import ImageDecoder, to_uint8
-from sra.sampling.runner import (
-    SampleJobConfig, batch_ranges, make_labels, run_sampling, sample_noise, write_adm_npz,
-)
+from sra.sampling.job import SampleJobConfig
+from sra.sampling.runner import run_sampling
+from sra.sampling.seeding import batch_ranges, make_labels, sample_noise
 from sra.viz.grid import make_grid, save_grid
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,13 +63,13 @@ def load_npz(path):
 
 def count_generate(monkeypatch):
     calls = []
-    real = runner.generate
+    real = fixed.generate
 
     def counting(model, noise, y, cfg, **kw):
         calls.append(noise.shape[0])
         return real(model, noise, y, cfg, **kw)
 
-    monkeypatch.setattr(runner, "generate", counting)
+    monkeypatch.setattr(fixed, "generate", counting)
     return calls
 
 
@@ -209,23 +211,68 @@ def test_end_to_end_pixels_npz_png_and_resume(pixel_ckpt, tmp_path, monkeypatch)
     out2 = tmp_path / "out2"
     flags2 = [f for f in flags if f != "both"]
     flags2[flags2.index("--format") + 1:flags2.index("--format") + 1] = ["npz"]
-    real_write = runner._write_shard
+    real_write = outputs.write_shard
 
     def crash_on_third(path, *a):
         if len(list(path.parent.glob("batch-*.npz"))) == 2:
             raise KeyboardInterrupt
         real_write(path, *a)
 
-    monkeypatch.setattr(runner, "_write_shard", crash_on_third)
+    monkeypatch.setattr(outputs, "write_shard", crash_on_third)
     calls.clear()
     assert main(sample_args(pixel_ckpt, out2, *flags2)) == 130
     assert len(list((out2 / "shards").glob("batch-*.npz"))) == 2 and not (out2 / "samples.npz").exists()
-    monkeypatch.setattr(runner, "_write_shard", real_write)
+    monkeypatch.setattr(outputs, "write_shard", real_write)
     calls.clear()
     assert main(sample_args(pixel_ckpt, out2, *flags2)) == 0
     assert calls == [2]
     assert np.array_equal(load_npz(out2 / "samples.npz")[0], arr)
     assert not (out2 / "shards").exists() and not (out2 / "samples").exists()
+
+
+def test_sample_fixed_gives_what_sra_sample_gives(pixel_ckpt, tmp_path):
+    """The one fixed-noise scheme: sample_fixed with a job's seed, labels and batch size returns
+    that job's samples bit for bit (SDE: the solver noise is per batch too)."""
+    from sra.checkpoints import load_model
+    from sra.sampling import SamplerConfig, sample_fixed
+
+    flags = ["--mode", "sde", "--num-steps", "3", "--cfg-scale", "2.0", "--num-samples", "7",
+             "--per-proc-batch-size", "3", "--seed", "5", "--grid-size", "0"]
+    assert main(sample_args(pixel_ckpt, tmp_path / "job", *flags)) == 0
+    arr, labels = load_npz(tmp_path / "job" / "samples.npz")
+    model, _ = load_model(str(pixel_ckpt))
+    sampler = SamplerConfig(mode="sde", steps=3, cfg_scale=2.0)
+    x = sample_fixed(model, 7, seed=5, sampler=sampler, labels=torch.from_numpy(labels), batch_size=3)
+    assert x.shape == (7, 1, 16, 16) and x.dtype == torch.float32 and x.device.type == "cpu"
+    assert np.array_equal(to_uint8(x), arr)
+    # default labels cycle the classes; a trace of the autocast factory shows it wraps the network
+    entered = []
+
+    class Ctx:
+        def __enter__(self):
+            entered.append(1)
+
+        def __exit__(self, *exc):
+            return False
+
+    y = sample_fixed(model, 4, seed=5, sampler=sampler, batch_size=3, autocast=Ctx)
+    z = sample_fixed(model, 4, seed=5, sampler=sampler, labels=torch.arange(4) % 10, batch_size=3)
+    assert torch.equal(y, z) and len(entered) == 2 * 3  # 2 batches × 3 network calls
+    with pytest.raises(SraError, match="labels must have shape"):
+        sample_fixed(model, 4, seed=5, sampler=sampler, labels=torch.arange(3))
+
+
+def test_run_sampling_without_grid_writer_writes_no_grid(pixel_ckpt, tmp_path):
+    job = SampleJobConfig(ckpt=str(pixel_ckpt), output_dir=str(tmp_path / "o"), num_samples=3,
+                          batch_size=2, data_kind="pixels", progress=False,
+                          sampler_overrides={"mode": "euler", "steps": 2})
+    path = run_sampling(job)
+    cfg = json.loads((tmp_path / "o" / "sampling_config.json").read_text())
+    assert path.is_file() and not (tmp_path / "o" / "grid.png").exists() and cfg["files"]["grid"] is None
+    written = []
+    job = dataclasses.replace(job, output_dir=str(tmp_path / "g"), grid_size=2)
+    run_sampling(job, write_grid=lambda images, p: written.append((images.shape, p.name)))
+    assert written == [((2, 16, 16, 3), "grid.png")]
 
 
 def test_release_pt_ema_weights_and_dit_modes(tmp_path, capsys):
@@ -304,7 +351,7 @@ def test_vae_decoding(tmp_path):
 def test_release_flag_aliases_and_preset_merge():
     from sra.cli import build_parser
     from sra.commands.sample import sampler_overrides
-    from sra.sampling.runner import resolve_sampler
+    from sra.sampling.job import resolve_sampler
 
     args = build_parser().parse_args(
         ["sample", "--ckpt", "x.pt", "--mode", "ode", "--heun", "--num-fid-samples", "100",

@@ -8,6 +8,7 @@ from sra.errors import SraError
 from sra.models import ModelConfig, TransformerOutput, build_model
 from sra.sampling import SamplerConfig, cfg_combine, generate, guided, preset
 from sra.sampling.flow import ode_sample, sde_sample
+from sra.sampling.schedules import ddpm_schedule, ode_times, sampler_grid, sde_times
 
 M, S = 1.5, 0.5  # data ~ N(M, S²) per dimension
 
@@ -32,8 +33,8 @@ def exact_velocity(path_name: str):
 def test_ode_transports_noise_to_the_data_gaussian(path_name, mode, steps, tol):
     torch.manual_seed(0)
     noise = torch.randn(20000, 2, dtype=torch.float64)
-    cfg = SamplerConfig(mode=mode, steps=steps, path_type=path_name, state_dtype="float64")
-    x = ode_sample(exact_velocity(path_name), noise, torch.zeros(20000, dtype=torch.long), cfg)
+    x = ode_sample(exact_velocity(path_name), noise, torch.zeros(20000, dtype=torch.long), ode_times(steps),
+                   heun=mode == "heun", state_dtype=torch.float64)
     assert abs(x.mean() - M) < tol + 0.01 and abs(x.std() - S) < tol + 0.01
     # deterministic transport of a Gaussian is affine: the map is x = M + S·noise exactly
     assert torch.allclose(x, M + S * noise, atol=tol * 3)
@@ -43,8 +44,8 @@ def test_ode_transports_noise_to_the_data_gaussian(path_name, mode, steps, tol):
 def test_sde_matches_moments(path_name):
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(20000, 2, generator=g, dtype=torch.float64)
-    cfg = SamplerConfig(mode="sde", steps=250, path_type=path_name, state_dtype="float64")
-    x = sde_sample(exact_velocity(path_name), noise, torch.zeros(20000, dtype=torch.long), cfg, generator=g)
+    x = sde_sample(exact_velocity(path_name), noise, torch.zeros(20000, dtype=torch.long),
+                   sde_times(250, 0.04), path_type=path_name, state_dtype=torch.float64, generator=g)
     assert abs(x.mean() - M) < 0.03 and abs(x.std() - S) < 0.03
 
 
@@ -57,7 +58,7 @@ def test_cfg_interval_calls_model_once_outside():
 
     cfg = SamplerConfig(mode="euler", steps=10, cfg_scale=4.0, guidance_low=0.0, guidance_high=0.7)
     fn = guided(model, cfg, null_label=9)
-    ode_sample(fn, torch.zeros(3, 2), torch.zeros(3, dtype=torch.long), cfg)
+    ode_sample(fn, torch.zeros(3, 2), torch.zeros(3, dtype=torch.long), sampler_grid(cfg))
     inside = [n for n, t in calls if t <= 0.7]
     outside = [n for n, t in calls if t > 0.7]
     assert len(calls) == 10 and set(outside) == {3} and set(inside) == {6} and len(outside) == 3
@@ -104,3 +105,61 @@ def test_presets_and_bad_config():
         SamplerConfig(mode="dpm")
     with pytest.raises(SraError, match="guidance interval"):
         SamplerConfig(guidance_low=0.8, guidance_high=0.2)
+
+
+def _tiny(family: str):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(family=family, depth=2, hidden_size=32, num_heads=4, patch_size=2,
+                                    input_size=8, in_channels=3, num_classes=4))
+    with torch.no_grad():
+        for p in model.parameters():  # adaLN-Zero: outputs would not depend on the input
+            p.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("mode", ["euler", "heun", "sde", "ddpm", "ddim"])
+def test_callback_once_per_step_with_the_step_time(mode):
+    model = _tiny("DiT" if mode in ("ddpm", "ddim") else "SiT")
+    noise, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 3])
+    cfg = SamplerConfig(mode=mode, steps=5, cfg_scale=1.5, guidance_high=0.7)
+    seen = []
+    out = generate(model, noise, y, cfg, generator=torch.Generator().manual_seed(1), callback=seen.append)
+    grid = sampler_grid(cfg)
+    if mode in ("ddpm", "ddim"):
+        want = [int(s) for s in grid.timestep_map[::-1]]  # original steps, last → 0
+        assert [s["t_next"] for s in seen] == want[1:] + [-1]
+        assert all(s["denoised"].shape == noise.shape for s in seen)
+    else:
+        want = grid[:-1]
+        assert [s["t_next"] for s in seen] == grid[1:]
+        assert all(s["velocity"].shape == noise.shape for s in seen)
+    assert [s["i"] for s in seen] == list(range(5)) and {s["steps"] for s in seen} == {5}
+    assert [s["t"] for s in seen] == want
+    assert torch.equal(seen[-1]["x"][:, :3].to(out.dtype), out)  # the last state is the result
+    # the callback only watches: the samples are those of a run without it, progress bar or not
+    again = generate(model, noise, y, cfg, generator=torch.Generator().manual_seed(1), progress=True)
+    assert torch.equal(out, again)
+
+
+def test_solvers_take_any_grid():
+    """A new grid needs no solver edit: a non-uniform ODE grid and a DDIM respacing."""
+    from sra.sampling.ddpm import ddim_sample
+    from sra.sampling.guidance import guided
+
+    sit = _tiny("SiT")
+    noise, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 1])
+    fn = guided(sit, SamplerConfig(mode="euler"), null_label=4)
+    times = [1.0, 0.9, 0.5, 0.0]
+    seen = []
+    x = ode_sample(fn, noise, y, torch.tensor(times, dtype=torch.float64), callback=seen.append)
+    assert [s["t"] for s in seen] == times[:-1] and torch.isfinite(x).all()
+    # one Euler step by hand
+    v = fn(noise, torch.ones(2), y)
+    assert torch.allclose(ode_sample(fn, noise, y, [1.0, 0.0]), noise - v)
+    with pytest.raises(SraError, match="at least 2 times"):
+        ode_sample(fn, noise, y, [1.0])
+    dit = _tiny("DiT")
+    fn = guided(dit, SamplerConfig(mode="ddim"), null_label=4, learn_sigma=True, time_scale=1000.0)
+    seen = []
+    ddim_sample(fn, ddpm_schedule("ddim4"), noise, y, callback=seen.append)
+    assert [s["t"] for s in seen] == [750, 500, 250, 0]

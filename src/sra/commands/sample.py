@@ -24,7 +24,8 @@ def register(subparsers) -> None:
     from sra.diffusion.paths import PATHS
     from sra.sampling.config import MODES, PRESETS
     from sra.sampling.decode import DATA_KINDS, ROUNDINGS
-    from sra.sampling.runner import LABEL_MODES, MIXED_PRECISIONS
+    from sra.sampling.job import MIXED_PRECISIONS
+    from sra.sampling.seeding import LABEL_MODES
 
     p = subparsers.add_parser(
         "sample", help="generate samples (PNGs / ADM .npz) from a checkpoint",
@@ -122,7 +123,9 @@ def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    from sra.sampling.runner import SampleJobConfig, run_sampling
+    from sra.sampling.job import SampleJobConfig
+    from sra.sampling.runner import run_sampling
+    from sra.viz.grid import save_grid
 
     mixed = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     job = SampleJobConfig(
@@ -136,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     )
     cpu = args.cpu or parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
     state = PartialState(cpu=cpu)
-    path = run_sampling(job, state)
+    path = run_sampling(job, state, write_grid=save_grid)
     if state.is_main_process:
         print(f"{job.num_samples} samples in {path}")
     return 0

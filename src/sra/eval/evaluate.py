@@ -1,8 +1,9 @@
 """Evaluate a batch of samples the way the ADM suite does: npz in, metrics dict (and JSON) out.
 
-Input format (ADM): an ``.npz`` whose ``arr_0`` is uint8 (N, H, W, 3) (1-channel images are
-repeated to 3). The reference npz may also hold ``mu``, ``sigma`` (pool_3) and ``mu_s``,
-``sigma_s`` (spatial); when present they are used as stored, not recomputed from its images.
+Input format (ADM, read and validated by :mod:`sra.data.adm_npz`): an ``.npz`` whose ``arr_0`` is
+uint8 (N, H, W, 3) (1-channel images are repeated to 3). The reference npz may also hold ``mu``,
+``sigma`` (pool_3) and ``mu_s``, ``sigma_s`` (spatial); when present they are used as stored, not
+recomputed from its images.
 
 Inception activations are cached beside each npz (``NAME.stats-<weights id>.npz``: pool features,
 logits and both statistics) and reused while the npz's size and mtime are unchanged, so evaluating
@@ -18,18 +19,18 @@ import warnings
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from sra.atomic import atomic_write_json
+from sra.data.adm_npz import (
+    IMAGES_KEY, LABELS_KEY, STAT_PAIRS, NpzImages, check_images_npz, check_npz_file, check_reference_npz,
+    npz_array_info, npz_keys, to_rgb_uint8,
+)
 from sra.errors import SraError
 from sra.eval import metrics as M
 
 CACHE_VERSION = 1
-IMAGES_KEY = "arr_0"
-LABELS_KEY = "labels"
-REF_STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 
 
 @dataclass
@@ -47,134 +48,6 @@ class EvalConfig:
     cache: bool = True  # read/write activation caches beside the npz files
     out: Path | None = None  # metrics JSON; None = beside the samples
     progress: bool = True
-
-
-# --------------------------------------------------------------------------------------------
-# npz reading: stream ``arr_0`` in batches instead of loading 50K × 256² × 3 bytes at once.
-
-
-class NpzImages:
-    """Batches of one array inside an npz, read straight from the zip member (stored or deflated)."""
-
-    def __init__(self, path: str | os.PathLike, key: str = IMAGES_KEY):
-        self.path, self.key = Path(path), key
-        if not self.path.is_file():
-            raise SraError(f"npz file not found: {self.path}")
-        try:
-            with zipfile.ZipFile(self.path) as zf, zf.open(f"{key}.npy") as f:
-                self.shape, self.fortran, self.dtype = _read_npy_header(f)
-        except KeyError:
-            raise SraError(f"{self.path} has no '{key}' array") from None
-        except zipfile.BadZipFile:
-            raise SraError(f"{self.path} is not an npz file") from None
-
-    def __len__(self) -> int:
-        return self.shape[0] if self.shape else 0
-
-    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
-        """Yield consecutive (B, ...) arrays."""
-        if self.fortran:  # rare (not written by np.savez of C arrays): fall back to one load
-            arr = np.load(self.path)[self.key]
-            for i in range(0, len(arr), batch_size):
-                yield np.ascontiguousarray(arr[i : i + batch_size])
-            return
-        row = int(np.prod(self.shape[1:], dtype=np.int64))
-        with zipfile.ZipFile(self.path) as zf, zf.open(f"{self.key}.npy") as f:
-            _read_npy_header(f)
-            for i in range(0, len(self), batch_size):
-                n = min(batch_size, len(self) - i)
-                buf = bytearray(f.read(n * row * self.dtype.itemsize))  # writable, for torch.from_numpy
-                if len(buf) != n * row * self.dtype.itemsize:
-                    raise SraError(f"{self.path}: '{self.key}' is truncated")
-                yield np.frombuffer(buf, dtype=self.dtype).reshape((n, *self.shape[1:]))
-
-
-def _read_npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-    else:
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-    return shape, fortran, dtype
-
-
-def _npz_keys(path: Path) -> set[str]:
-    with zipfile.ZipFile(path) as zf:
-        return {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
-
-
-def npz_array_info(path: Path, key: str) -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype of ``key`` in the npz at ``path`` from its header alone (no data is read).
-
-    Raises :class:`SraError` naming the file if the member is missing, its header is unreadable, or
-    its data is shorter than the header promises (a truncated file).
-    """
-    try:
-        with zipfile.ZipFile(path) as zf:
-            info = zf.getinfo(f"{key}.npy")
-            with zf.open(info) as f:
-                shape, _, dtype = _read_npy_header(f)
-                offset = f.tell()
-    except KeyError:
-        raise SraError(f"{path} has no '{key}' array") from None
-    except zipfile.BadZipFile:
-        raise SraError(f"{path} is not an npz file") from None
-    except (ValueError, OSError, EOFError) as exc:
-        raise SraError(f"{path}: cannot read the header of '{key}' ({type(exc).__name__})") from None
-    if dtype.hasobject:
-        raise SraError(f"{path}: '{key}' holds Python objects, not numbers")
-    need = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if info.file_size < need:
-        raise SraError(f"{path}: '{key}' is truncated ({info.file_size} of {need} bytes)")
-    return tuple(shape), dtype
-
-
-def check_images_npz(path: Path | None, what: str) -> tuple[int, ...]:
-    """Validate an ADM image npz without reading its pixels: the file exists and is an npz whose
-    ``arr_0`` is uint8 (N, H, W, 1|3) with N >= 2. Returns the shape; errors name the file."""
-    path = _check_file(path, what)
-    shape, dtype = npz_array_info(path, IMAGES_KEY)
-    if dtype != np.uint8 or len(shape) != 4 or shape[-1] not in (1, 3):
-        raise SraError(
-            f"{what} {path}: '{IMAGES_KEY}' must be uint8 (N, H, W, 3) or (N, H, W, 1) as ADM's npz holds; "
-            f"got {dtype} {shape}"
-        )
-    if shape[0] < 2 or shape[1] < 1 or shape[2] < 1:
-        raise SraError(f"{what} {path}: '{IMAGES_KEY}' needs at least 2 non-empty images, got shape {shape}")
-    return shape
-
-
-def check_reference_npz(path: Path | None, what: str = "reference (--ref)") -> None:
-    """Validate a reference npz up front: ``arr_0`` as :func:`check_images_npz` asks, and/or stored
-    ``mu``/``sigma`` (pool_3) and ``mu_s``/``sigma_s`` (spatial) of the right shapes. A pair missing
-    from the file must be computable from ``arr_0``."""
-    from sra.eval.inception import POOL_DIM, SPATIAL_DIM
-
-    path = _check_file(path, what)
-    keys = _npz_keys(path)
-    has_images = IMAGES_KEY in keys
-    if has_images:
-        check_images_npz(path, what)
-    for (mu_key, sigma_key), dim in ((("mu", "sigma"), POOL_DIM), (("mu_s", "sigma_s"), SPATIAL_DIM)):
-        if mu_key in keys and sigma_key in keys:
-            for key, want in ((mu_key, (dim,)), (sigma_key, (dim, dim))):
-                shape, dtype = npz_array_info(path, key)
-                if shape != want or dtype.kind not in "fi":
-                    raise SraError(f"{what} {path}: '{key}' must be a float array of shape {want}, "
-                                   f"got {dtype} {shape}")
-        elif not has_images:
-            raise SraError(f"{what} {path} holds neither images ('{IMAGES_KEY}') nor the statistics "
-                           f"{mu_key} and {sigma_key}")
-
-
-def to_rgb_uint8(batch: np.ndarray) -> np.ndarray:
-    """Validate an ADM image batch (B, H, W, 1|3) uint8 and return it as (B, H, W, 3)."""
-    if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[-1] not in (1, 3):
-        raise SraError(
-            "images must be uint8 (N, H, W, 3) or (N, H, W, 1) as ADM's npz holds; "
-            f"got {batch.dtype} {batch.shape}"
-        )
-    return np.repeat(batch, 3, axis=-1) if batch.shape[-1] == 1 else batch
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,7 +129,7 @@ def batch_activations(
     npz: Path, extractor, wid: str, cfg: EvalConfig, desc: str
 ) -> dict[str, np.ndarray] | None:
     """Activations of the images in ``npz`` (cached), or None if the npz holds no ``arr_0``."""
-    if IMAGES_KEY not in _npz_keys(npz):
+    if IMAGES_KEY not in npz_keys(npz):
         return None
     if cfg.cache and (acts := load_cached(npz, wid)) is not None:
         return acts
@@ -270,19 +143,6 @@ def batch_activations(
 # Orchestration.
 
 
-def _check_file(path: Path | None, what: str) -> Path:
-    if path is None:
-        raise SraError(f"{what} npz is required")
-    path = Path(path)
-    if not path.is_file():
-        raise SraError(f"{what} npz not found: {path}")
-    try:
-        _npz_keys(path)
-    except zipfile.BadZipFile:
-        raise SraError(f"{what} {path} is not an npz file") from None
-    return path
-
-
 def reference_statistics(
     ref: Path, ref_acts: dict[str, np.ndarray] | None
 ) -> tuple[dict[str, np.ndarray], str]:
@@ -292,9 +152,9 @@ def reference_statistics(
     Returns the four arrays and where they came from: "stored", "computed" or "mixed".
     """
     with np.load(ref) as z:
-        stored = {k: z[k] for k in REF_STAT_KEYS if k in z.files}
+        stored = {k: z[k] for pair in STAT_PAIRS for k in pair if k in z.files}
     stats, sources = {}, set()
-    for pair in (("mu", "sigma"), ("mu_s", "sigma_s")):
+    for pair in STAT_PAIRS:
         if all(k in stored for k in pair):
             stats.update((k, stored[k]) for k in pair)
             sources.add("stored")
@@ -310,14 +170,15 @@ def reference_statistics(
 
 def evaluate_inception(cfg: EvalConfig) -> dict:
     """FID, sFID, Inception Score, precision and recall of ``cfg.samples`` against ``cfg.ref``."""
-    from sra.eval.inception import INCEPTION_URL, InceptionFeatures, is_url, resolve_weights, weights_id
+    from sra.eval.inception import (
+        INCEPTION_URL, POOL_DIM, SPATIAL_DIM, InceptionFeatures, is_url, resolve_weights, weights_id,
+    )
 
     # Both npz files are checked (headers only) before any weights are read or downloaded, so an
     # offline user with a bad npz hears about the npz, not about the network.
-    samples = _check_file(cfg.samples, "samples")
+    samples = check_npz_file(cfg.samples, "samples")
     check_images_npz(samples, "samples")
-    ref = _check_file(cfg.ref, "reference (--ref)")
-    check_reference_npz(ref)
+    ref = check_reference_npz(cfg.ref, (POOL_DIM, SPATIAL_DIM))
     weights = cfg.inception_weights or INCEPTION_URL
     if not is_url(weights):
         resolve_weights(weights)  # a missing local file fails here, before any work
@@ -366,7 +227,7 @@ def load_digit_samples(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     Validated before the digit classifier is loaded (or trained): (N, H, W), (N, H, W, 1|3) or
     (N, 1|3, H, W), N >= 2, uint8 or finite floats; ``labels`` integers, one per image.
     """
-    path = _check_file(path, "samples")
+    path = check_npz_file(path, "samples")
     shape, dtype = npz_array_info(path, IMAGES_KEY)
     if not (len(shape) == 3 or (len(shape) == 4 and (shape[-1] in (1, 3) or shape[1] in (1, 3)))):
         raise SraError(f"samples {path}: '{IMAGES_KEY}' of shape {shape} is not a batch of digit images; "

@@ -1,23 +1,24 @@
-"""DDPM ancestral and DDIM samplers for DiT-style models (ε ‖ v outputs).
+"""DDPM ancestral and DDIM samplers for DiT-style models (ε ‖ v outputs), on a given schedule.
 
 ``model_fn(x, t, y) -> (N, 2C, H, W)`` receives ORIGINAL integer steps (0..999): the samplers
-walk the (possibly respaced) schedule of ``diffusion`` and map each index through
-``diffusion.timestep_map`` before calling the model. Guidance is applied by wrapping the model
+walk every step of the (possibly respaced) schedule ``diffusion`` — their time grid, built by
+:func:`sra.sampling.schedules.ddpm_schedule` — from the last to 0 and map each index through
+``diffusion.timestep_map`` before calling the model. ``callback(info)`` is called after every
+step (see :mod:`sra.sampling.callbacks`). Guidance is applied by wrapping the model
 into a ``model_fn`` (see ``sampling/guidance.py``, whose :func:`cfg_combine` is the ε-only
-combination rule such a wrapper uses.
+combination rule such a wrapper uses).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from sra.diffusion.ddpm import GaussianDiffusion, PMeanVar
 from sra.errors import SraError
-
-ModelFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+from sra.sampling.callbacks import StepCallback, chain, progress_bar
+from sra.sampling.guidance import ModelFn
 
 
 def _randn(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -44,9 +45,18 @@ def _model_step(model_fn: ModelFn, diffusion: GaussianDiffusion, x: torch.Tensor
     return t, diffusion.p_mean_variance(out, x, t, clip_denoised=clip_denoised, check_t=False)
 
 
-def _indices(diffusion: GaussianDiffusion, progress: bool):
-    steps = range(diffusion.num_timesteps - 1, -1, -1)
-    return tqdm(steps, desc="ddpm", disable=not progress, leave=False)
+def _steps(diffusion: GaussianDiffusion, progress: bool,
+           callback: StepCallback | None) -> tuple[range, StepCallback | None]:
+    """The schedule indices to walk (last → 0) and the callback (with a progress bar if asked)."""
+    n = diffusion.num_timesteps
+    return range(n - 1, -1, -1), chain(callback, progress_bar(n, "ddpm") if progress else None)
+
+
+def _info(diffusion: GaussianDiffusion, i: int, x: torch.Tensor, step: PMeanVar) -> dict[str, Any]:
+    n = diffusion.num_timesteps
+    return {"i": n - 1 - i, "steps": n, "t": int(diffusion.timestep_map[i]),
+            "t_next": int(diffusion.timestep_map[i - 1]) if i > 0 else -1, "x": x,
+            "denoised": step.pred_x0}
 
 
 @torch.no_grad()
@@ -59,6 +69,7 @@ def ddpm_sample(
     clip_denoised: bool = False,
     progress: bool = False,
     generator: torch.Generator | None = None,
+    callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """Ancestral sampling x_T = noise → x_0 over the schedule of ``diffusion``.
 
@@ -66,14 +77,17 @@ def ddpm_sample(
     last step (t = 0) returns the mean without noise. Returns x_0 in ``noise``'s dtype.
     """
     _check_inputs(diffusion, noise, y)
+    indices, callback = _steps(diffusion, progress, callback)
     x = noise
-    for i in _indices(diffusion, progress):
+    for i in indices:
         _, step = _model_step(model_fn, diffusion, x, i, y, clip_denoised)
         if i > 0:
             x = step.mean + torch.exp(0.5 * step.log_variance) * _randn(step.mean, generator)
         else:
             x = step.mean
         x = x.to(noise.dtype)
+        if callback is not None:
+            callback(_info(diffusion, i, x, step))
     return x
 
 
@@ -88,6 +102,7 @@ def ddim_sample(
     clip_denoised: bool = False,
     progress: bool = False,
     generator: torch.Generator | None = None,
+    callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """DDIM sampling (deterministic for ``eta`` = 0; ``eta`` = 1 ≈ ancestral with β̃ variance).
 
@@ -97,8 +112,9 @@ def ddim_sample(
     _check_inputs(diffusion, noise, y)
     if not eta >= 0.0:
         raise SraError(f"ddim eta must be >= 0, got {eta!r}")
+    indices, callback = _steps(diffusion, progress, callback)
     x = noise
-    for i in _indices(diffusion, progress):
+    for i in indices:
         t, step = _model_step(model_fn, diffusion, x, i, y, clip_denoised)
         xw = x.to(step.pred_x0.dtype)
         # ε consistent with the (possibly clipped) x0 estimate
@@ -112,4 +128,6 @@ def ddim_sample(
         else:
             x = mean
         x = x.to(noise.dtype)
+        if callback is not None:
+            callback(_info(diffusion, i, x, step))
     return x

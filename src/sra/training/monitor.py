@@ -18,7 +18,7 @@ import torch.nn as nn
 from sra.data.base import DataInfo
 from sra.errors import SraError
 from sra.models import ModelConfig
-from sra.sampling import SamplerConfig, generate
+from sra.sampling import SamplerConfig, sample_fixed
 
 log = logging.getLogger("sra.train")
 
@@ -58,20 +58,11 @@ class Monitor:
     @torch.no_grad()
     def ema_samples(self, ema: nn.Module, n: int, seed: int,
                     labels: torch.Tensor | None = None) -> torch.Tensor:
-        """n EMA samples decoded to images in [-1, 1], (n, C, H, W); labels cycle the classes."""
-        m = self.model_cfg
-        g = torch.Generator().manual_seed(seed)
-        noise = torch.randn(n, m.in_channels, m.input_size, m.input_size, generator=g)
-        if labels is None:
-            labels = torch.arange(n) % m.num_classes
-        out = []
-        for i in range(0, n, SAMPLE_BATCH):
-            gen = torch.Generator(self.device).manual_seed(seed + i)
-            with self.autocast():
-                z = generate(ema, noise[i:i + SAMPLE_BATCH].to(self.device),
-                             labels[i:i + SAMPLE_BATCH].to(self.device), self.sampler, generator=gen)
-            out.append(z.float().cpu())
-        return self._decode(torch.cat(out))
+        """n EMA samples decoded to images in [-1, 1], (n, C, H, W); labels cycle the classes.
+        Noise and labels follow :func:`sra.sampling.sample_fixed` (the scheme of ``sra sample``)."""
+        z = sample_fixed(ema, n, seed=seed, sampler=self.sampler, labels=labels, batch_size=SAMPLE_BATCH,
+                         device=self.device, autocast=self.autocast)
+        return self._decode(z)
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         """Model outputs → images in [-1, 1]. Latents go through the VAE when it loads; when it
