@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 import torch
 
+from sra import artefacts as A
+
 from sra.cli import main as cli_main
 from sra.errors import SraError
 from sra.eval import inception as I
 
 BAD_URL = "http://127.0.0.1:9/x.pth"  # the discard port: refused at once, never downloads
-_REAL_DOWNLOAD = torch.hub.download_url_to_file
+_REAL_DOWNLOAD = A._download
 
 
 class _Payload:
@@ -54,13 +56,13 @@ def _assert_one_line(err: str, *needles: str) -> None:
 
 @pytest.fixture(autouse=True)
 def _no_network(monkeypatch, tmp_path):
-    """Nothing here may download: the torch hub cache is empty and the downloader fails loudly."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    """Nothing here may download: the download cache is empty and the downloader fails loudly."""
+    monkeypatch.setenv("SRA_CACHE_DIR", str(tmp_path / "sra-cache"))
 
     def refuse(url, *a, **k):
         raise ConnectionRefusedError(f"test: no network ({url})")
 
-    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    monkeypatch.setattr(A, "_download", refuse)
 
 
 @pytest.fixture(scope="module")
@@ -148,15 +150,15 @@ def test_bad_weights_are_one_line_naming_the_file(tmp_path, capsys, inception_st
 
 
 def test_default_url_path_goes_through_the_safe_loader(tmp_path, monkeypatch, capsys):
-    """A downloaded file lands in torch hub's cache and is then read like a local one."""
+    """A downloaded file lands in the download cache and is then read like a local one."""
     def fake_download(url, dst, *a, **k):
         torch.save({"fc.weight": _Payload(str(tmp_path / "pwned"))}, dst)
 
-    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    monkeypatch.setattr(A, "_download", fake_download)
     url = "https://example.invalid/weights-evil.pth"
     with pytest.raises(SraError, match="weights-evil.pth.*refusing"):
         I.InceptionFeatures(url, device="cpu")
-    assert (tmp_path / "torch-home" / "hub" / "checkpoints" / "weights-evil.pth").is_file()
+    assert A.cache_path(url).is_file()
     assert not (tmp_path / "pwned").exists()
 
 
@@ -215,11 +217,11 @@ def test_bad_reference_statistics_are_reported_before_any_weights(tmp_path, caps
 
 def test_valid_npz_then_reaches_the_download(tmp_path, capsys, monkeypatch):
     """Control for the tests above: with good npz files the same URL is what fails, in one line."""
-    monkeypatch.setattr(torch.hub, "download_url_to_file", _REAL_DOWNLOAD)  # against a refused port
+    monkeypatch.setattr(A, "_download", _REAL_DOWNLOAD)  # against a refused port
     s, r = _npz_pair(tmp_path)
     code, err = _eval(capsys, s, "--ref", r, "--inception-weights", BAD_URL)
     assert code == 2
-    _assert_one_line(err, "could not download", BAD_URL)
+    _assert_one_line(err, "download failed", BAD_URL)
 
 
 # ----------------------------------------------------------------------------- --digits inputs

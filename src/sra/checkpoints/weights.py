@@ -78,6 +78,12 @@ def load_state_dict_strict(model: nn.Module, sd: dict[str, torch.Tensor], source
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
+    """A local checkpoint file or dir for ``path``: a registry name, ``hf://`` or URL is fetched
+    first (:mod:`sra.artefacts`); a run dir becomes its newest complete checkpoint."""
+    from sra.artefacts import is_remote, resolve
+
+    if is_remote(str(path)):
+        path = resolve(str(path), what="checkpoint")
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"checkpoint not found: {p}")

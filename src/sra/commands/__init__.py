@@ -9,4 +9,5 @@ COMMANDS: dict[str, str] = {
     "sample": "sra.commands.sample",
     "eval": "sra.commands.eval",
     "pca": "sra.commands.pca",
+    "artefacts": "sra.commands.artefacts",
 }

@@ -21,15 +21,16 @@ def register(subparsers) -> None:
         ),
     )
     p.add_argument("samples", type=Path, help="sample batch (.npz with arr_0, as written by `sra sample`)")
-    p.add_argument("--ref", type=Path, default=None,
+    p.add_argument("--ref", default=None,
                    help="ADM reference batch .npz (arr_0 images; mu/sigma/mu_s/sigma_s used as stored "
-                        "when present); required unless --digits")
+                        "when present): a file, a registry name (imagenet256, imagenet512), "
+                        "hf://owner/repo/path or an https:// URL; required unless --digits")
     p.add_argument("--digits", action="store_true",
                    help="digits metric (classifier Frechet distance + class accuracy) instead of Inception")
     p.add_argument("--inception-weights", default=None,
-                   help="Inception-v3 state dict: a local .pth/.pt or .safetensors file, or a URL "
-                        "(default: torch-fidelity's port of the TF 2015-12-05 graph); read as tensors "
-                        "only, never as pickled code")
+                   help="Inception-v3 state dict: a local .pth/.pt or .safetensors file, a URL, "
+                        "hf://… or a registry name (default: inception-2015-12-05, torch-fidelity's "
+                        "port of the TF graph); read as tensors only, never as pickled code")
     p.add_argument("--batch-size", type=int, default=100,
                    help="images per Inception forward pass (default: %(default)s)")
     p.add_argument("--device", default=None,

@@ -33,7 +33,9 @@ def register(subparsers) -> None:
     )
     g = p.add_argument_group("model")
     g.add_argument("--ckpt", required=True,
-                   help="run dir (latest checkpoint), checkpoint dir, release .pt, or state dict")
+                   help="run dir (latest checkpoint), checkpoint dir, an `sra export` folder, release "
+                   ".pt, or state dict; or a registry name (e.g. sra-sit-xl2-256, see `sra "
+                   "artefacts`), hf://owner/repo/path, or an https:// URL")
     g.add_argument("--weights", choices=("ema", "model"), default="ema",
                    help="which weights of a checkpoint to sample from (default: ema)")
     g.add_argument("--data-kind", choices=DATA_KINDS, default=None,

@@ -38,7 +38,7 @@ class EvalConfig:
     """What ``sra eval`` computes and how."""
 
     samples: Path
-    ref: Path | None = None  # ADM reference batch; required unless ``digits``
+    ref: str | Path | None = None  # ADM reference batch (path, registry name, hf://, URL)
     digits: bool = False  # digit-classifier metrics instead of Inception ones
     inception_weights: str | None = None  # URL or local file; None = torch-fidelity's URL
     batch_size: int = 100
@@ -170,6 +170,7 @@ def reference_statistics(
 
 def evaluate_inception(cfg: EvalConfig) -> dict:
     """FID, sFID, Inception Score, precision and recall of ``cfg.samples`` against ``cfg.ref``."""
+    from sra.artefacts import ARTEFACTS, resolve
     from sra.eval.inception import (
         INCEPTION_URL, POOL_DIM, SPATIAL_DIM, InceptionFeatures, is_url, resolve_weights, weights_id,
     )
@@ -178,8 +179,10 @@ def evaluate_inception(cfg: EvalConfig) -> dict:
     # offline user with a bad npz hears about the npz, not about the network.
     samples = check_npz_file(cfg.samples, "samples")
     check_images_npz(samples, "samples")
-    ref = check_reference_npz(cfg.ref, (POOL_DIM, SPATIAL_DIM))
+    ref = check_reference_npz(resolve(cfg.ref, what="--ref"), (POOL_DIM, SPATIAL_DIM))
     weights = cfg.inception_weights or INCEPTION_URL
+    if weights in ARTEFACTS:  # a registry name means its URL (the stats cache is keyed by it)
+        weights = ARTEFACTS[weights].url
     if not is_url(weights):
         resolve_weights(weights)  # a missing local file fails here, before any work
     wid = weights_id(weights)

@@ -11,7 +11,8 @@ From one forward pass we read:
   ``Mixed_6d.branch1x1``, after its batch-norm and ReLU) — made channels-last, first 7 channels,
   flattened: (N, 7·17·17 = 2023) — sFID.
 
-Weights come from torch-fidelity's URL (downloaded once into the torch hub cache) or a local
+Weights come from torch-fidelity's URL (fetched once through :mod:`sra.artefacts`, registry name
+``inception-2015-12-05``, its published hash prefix checked) or a local
 ``.pth``/``.pt`` or ``.safetensors`` file holding the state dict. Nothing is downloaded at import.
 Every weights file, downloaded or not, is read as tensors only (safetensors, or ``torch.load`` with
 ``weights_only=True``) and loaded into a network we build ourselves: torch-fidelity's own loader
@@ -71,28 +72,20 @@ def is_url(weights: str | os.PathLike) -> bool:
 
 
 def resolve_weights(weights: str | os.PathLike = INCEPTION_URL) -> Path:
-    """Local path of the Inception state dict: ``weights`` itself, or a URL downloaded once into
-    ``$TORCH_HOME/hub/checkpoints`` (torch.hub's cache)."""
+    """Local path of the Inception state dict: ``weights`` itself, or a URL / registry name
+    fetched once through :mod:`sra.artefacts` (cached, resumable, hash-checked when known)."""
+    from sra.artefacts import is_remote, resolve
+
     weights = str(weights)
-    if not is_url(weights):
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise SraError(
-                f"Inception weights file not found: {path} "
-                "(pass a local .pth/.safetensors file or a URL to --inception-weights)"
-            )
-        return path
-    target = Path(torch.hub.get_dir()) / "checkpoints" / weights.rstrip("/").rsplit("/", 1)[-1]
-    if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            torch.hub.download_url_to_file(weights, str(target), progress=True)
-        except Exception as exc:  # network errors come in many types; report them as one line
-            raise SraError(
-                f"could not download Inception weights from {weights} ({type(exc).__name__}: {exc}); "
-                "download the file elsewhere and pass its local path to --inception-weights"
-            ) from None
-    return target
+    if is_remote(weights):
+        return resolve(weights, what="Inception weights")
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise SraError(
+            f"Inception weights file not found: {path} "
+            "(pass a local .pth/.safetensors file or a URL to --inception-weights)"
+        )
+    return path
 
 
 def weights_id(weights: str | os.PathLike = INCEPTION_URL) -> str:
