@@ -6,6 +6,7 @@ Wherever a command takes a file it also takes
   artefacts`` lists them),
 - ``hf://owner/repo/path/in/repo`` (``@revision`` after the repo optional) — fetched with
   ``huggingface_hub`` into its usual cache (``HF_HOME``, resume, ``HF_HUB_OFFLINE=1``);
+  ``hf://owner/repo`` alone is an ``sra export`` folder uploaded there;
   ``https://huggingface.co/owner/repo/resolve/rev/path`` URLs go the same way;
 - any other ``https://`` / ``http://`` URL — downloaded once into ``$SRA_CACHE_DIR/downloads``
   with a progress bar, resumed from a partial file (HTTP Range), checked against the size and
@@ -32,6 +33,7 @@ OFFLINE_ENVS = ("SRA_OFFLINE", "HF_HUB_OFFLINE")
 CHUNK = 1 << 20  # download and hash 1 MiB at a time
 TIMEOUT_S = 60
 _HF_URL = re.compile(r"^https://huggingface\.co/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$")
+EXPORT_FILES = ("config.json", "model.safetensors", "README.md")  # what `sra export` writes
 _ADM = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet"
 
 
@@ -139,10 +141,12 @@ def _fetch_hf(url: str, what: str) -> Path:
     kwargs = dict(revision=revision, endpoint=os.environ.get("HF_ENDPOINT") or None,
                   cache_dir=hf_cache_dir(), local_files_only=offline())
     try:
-        if not path or path.endswith("/"):
-            folder = hf.snapshot_download(repo_id, allow_patterns=[f"{path}*"] if path else None,
-                                          **kwargs)
-            return Path(folder) / path
+        if not path or path.endswith("/"):  # a folder: an `sra export` fetches by its file names
+            files = [f"{path}{name}" for name in EXPORT_FILES]
+            first = Path(hf.hf_hub_download(repo_id, files[0], **kwargs))
+            for name in files[1:]:
+                hf.hf_hub_download(repo_id, name, **kwargs)
+            return first.parent
         return Path(hf.hf_hub_download(repo_id, path, **kwargs))
     except LocalEntryNotFoundError as exc:
         if offline():

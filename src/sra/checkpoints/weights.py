@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from sra.checkpoints.export import is_export, read_export
 from sra.checkpoints.layout import (CKPT_DIR, META, latest_checkpoint, read_meta,
                                     verify_checkpoint, verify_member)
 from sra.checkpoints.safe import check_state_dict, load_safetensors, safe_torch_load
@@ -87,6 +88,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"checkpoint not found: {p}")
+    if is_export(p):
+        return p
     if p.is_dir() and not (p / META).is_file():
         latest = latest_checkpoint(p)
         if latest is None:
@@ -97,12 +100,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def load_weights(path: str | Path, weights: str = "ema") -> tuple[dict[str, torch.Tensor], dict]:
     """A state dict and what is known about it, from: a run dir (latest checkpoint), one of our
-    checkpoint dirs, a release ``.pt`` (``model``/``ema``/``args``), or a bare ``.pt``/
+    checkpoint dirs, an ``sra export`` folder, a release ``.pt`` (``model``/``ema``/``args``), or a bare ``.pt``/
     ``.safetensors`` state dict. ``weights`` picks ``ema`` or ``model`` where both exist.
     A checkpoint dir is verified first (sizes of all files, hash of the weights file read)."""
     if weights not in ("ema", "model"):
         raise SraError(f"unknown weights {weights!r}; allowed: ema, model")
     p = resolve_checkpoint(path)
+    if is_export(p):  # `sra export`: the EMA weights only, whatever ``weights`` asks
+        return read_export(p)
     if p.is_dir():
         name = f"{weights}.safetensors"
         verify_checkpoint(p, hashes=[name])

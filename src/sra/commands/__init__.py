@@ -8,6 +8,7 @@ COMMANDS: dict[str, str] = {
     "train": "sra.commands.train",
     "sample": "sra.commands.sample",
     "eval": "sra.commands.eval",
+    "export": "sra.commands.export",
     "pca": "sra.commands.pca",
     "artefacts": "sra.commands.artefacts",
 }

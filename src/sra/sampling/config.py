@@ -44,6 +44,15 @@ class SamplerConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "SamplerConfig":
+        """From :meth:`to_dict`'s form; unknown keys are an error naming the allowed ones."""
+        known = set(cls.__dataclass_fields__)
+        bad = sorted(set(d) - known)
+        if bad:
+            raise SraError(f"unknown sampler settings {bad}; allowed: {', '.join(sorted(known))}")
+        return cls(**d)
+
 
 # The paper's evaluation settings (SPEC §5). "interval high 0.7" means guidance for t ≤ 0.7.
 PRESETS: dict[str, SamplerConfig] = {

@@ -83,12 +83,20 @@ class SampleJobConfig:
         return d
 
 
-def resolve_sampler(job: SampleJobConfig, family: str, ckpt_path_type: str | None) -> SamplerConfig:
-    """The sampler the job runs for a model of ``family`` (SraError if the mode does not fit)."""
+def resolve_sampler(job: SampleJobConfig, family: str, ckpt_path_type: str | None,
+                    ckpt_sampler: dict | None = None) -> SamplerConfig:
+    """The sampler the job runs for a model of ``family`` (SraError if the mode does not fit).
+    Without a preset, the checkpoint's own recommendation (an ``sra export``'s ``sampler``) is
+    the base, else the family's default; explicit settings override either."""
     if job.sampler is not None:
         cfg = job.sampler
     else:
-        base = PRESETS[job.preset] if job.preset else FAMILY_DEFAULTS[family]
+        if job.preset:
+            base = PRESETS[job.preset]
+        elif ckpt_sampler:
+            base = SamplerConfig.from_dict(ckpt_sampler)
+        else:
+            base = FAMILY_DEFAULTS[family]
         over = dict(job.sampler_overrides)
         if "path_type" not in over and ckpt_path_type:
             over["path_type"] = ckpt_path_type

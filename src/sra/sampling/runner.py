@@ -77,7 +77,7 @@ def run_sampling(job: SampleJobConfig, state=None, *, model: nn.Module | None = 
         model = model.to(device).eval()
         info = dict(info or {})
     mcfg = model.config
-    sampler = resolve_sampler(job, mcfg.family, info.get("path_type"))
+    sampler = resolve_sampler(job, mcfg.family, info.get("path_type"), info.get("sampler"))
     data_info = resolve_data_info(info.get("data_info"), mcfg, job.data_kind, job.latent_scale,
                                   job.latent_bias)
     labels = make_labels(job.seed, job.num_samples, mcfg.num_classes, job.labels, job.class_label)

@@ -1,0 +1,65 @@
+"""The publishable form of a run (``sra export``): EMA weights, the config that rebuilds the
+model, the sampler to use, and a model card, in one folder ready for ``huggingface-cli upload``.
+
+Layout::
+
+    OUT/model.safetensors   EMA weights, without the SRA head (inference never uses it)
+    OUT/config.json         {"format": "sra-export-v1", "model": …, "data_info": …, "path_type": …,
+                             "sampler": …, "step": …, "run_config": the run's resolved config}
+    OUT/README.md           the model card
+
+``--ckpt OUT`` (or ``--ckpt hf://owner/repo``, the same folder uploaded) loads it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from sra.atomic import atomic_path, atomic_write_json, atomic_write_text
+from sra.checkpoints.safe import check_state_dict, load_safetensors, read_json
+from sra.errors import SraError
+
+EXPORT_FORMAT = "sra-export-v1"
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+CARD = "README.md"
+
+
+def is_export(path: Path) -> bool:
+    """Whether ``path`` is a folder written by :func:`write_export`."""
+    cfg = path / CONFIG
+    if not (path.is_dir() and cfg.is_file() and (path / WEIGHTS).is_file()):
+        return False
+    try:
+        return read_json(cfg).get("format") == EXPORT_FORMAT
+    except SraError:
+        return False
+
+
+def write_export(out: Path, state_dict: dict[str, torch.Tensor], config: dict, card: str) -> Path:
+    """Write an export folder (each file atomically; the config last, so a folder with a config
+    is complete)."""
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().cpu().contiguous() for k, v in state_dict.items() if not k.startswith("ap_head.")}
+    with atomic_path(out / WEIGHTS) as tmp:
+        save_file(sd, tmp, metadata={"format": EXPORT_FORMAT})
+    atomic_write_text(out / CARD, card)
+    atomic_write_json(out / CONFIG, dict(config, format=EXPORT_FORMAT))
+    return out
+
+
+def read_export(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, info) of an export folder, in :func:`sra.checkpoints.load_weights`'s terms:
+    ``info["meta"]["config"]`` holds the model config, data info and path type."""
+    cfg = read_json(path / CONFIG)
+    if not isinstance(cfg.get("model"), dict):
+        raise SraError(f"{path / CONFIG}: corrupt (no model config)")
+    sd = check_state_dict(load_safetensors(path / WEIGHTS), str(path / WEIGHTS))
+    meta = {"step": cfg.get("step"),
+            "config": {"model": cfg["model"], "data_info": cfg.get("data_info"),
+                       "flow": {"path_type": cfg.get("path_type", "linear")}}}
+    return sd, {"source": "sra", "export": True, "meta": meta, "path": str(path),
+                "sampler": cfg.get("sampler"), "steps": cfg.get("step")}
