@@ -47,7 +47,8 @@ def _evict(paths) -> None:
 
 
 def bench_open(root: str, repeats: int) -> dict:
-    from sra.data.packed import PackedLatentDataset, moments_info, shard_name, write_packed_header
+    from sra.data.formats import moments_info, shard_name
+    from sra.data.packed import PackedLatentDataset, write_packed_header
 
     os.makedirs(root, exist_ok=True)
     shards, left, k = [], OPEN_SAMPLES, 0
@@ -80,7 +81,7 @@ def bench_open(root: str, repeats: int) -> dict:
 
 
 def _write_release(root: str, data_rng: np.random.Generator, n: int) -> list[str]:
-    from sra.data.release import latent_name
+    from sra.data.formats import latent_name
 
     paths, entries = [], []
     for k in range(n):
@@ -140,8 +141,7 @@ def _time_batches(ds, order: np.ndarray, batch: int) -> float:
 
 def bench_random_access(root: str, n: int, reads: int, with_zip: bool, rounds: int,
                         batch: int) -> dict:
-    from sra.data.packed import pack_release
-    from sra.data.release import ReleaseLatentDataset
+    from sra.data.release import ReleaseLatentDataset, pack_release
 
     rel = os.path.join(root, "vae-sd")
     t = time.perf_counter()
@@ -218,8 +218,9 @@ def bench_encode(root: str, n: int, resolution: int) -> dict:
     import torch
     from PIL import Image
 
-    from sra.data.encode import EncodeConfig, encode_images
-    from sra.data.images import image_name
+    from sra.data.encode import encode_images
+    from sra.data.encode_config import EncodeConfig
+    from sra.data.formats import image_name
     from sra.data.vae import encode_moments, load_vae, save_tiny_vae
 
     vae_path = save_tiny_vae(os.path.join(root, "tiny-vae"))

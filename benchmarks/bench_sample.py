@@ -37,8 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from common import (  # noqa: E402
-    add_common_args, command_line, describe_machine, fmt_bytes, forward_macs, machine_info,
-    markdown_table, publish, release_memory, resolve_device, time_interleaved, unzero_init,
+    AMP_DTYPES, add_common_args, add_run_args, add_speedups, release_memory, start_results,
+    time_interleaved, unzero_init,
+)
+from flops import forward_macs  # noqa: E402
+from report import (  # noqa: E402
+    amp_name, fmt_peak, fmt_speedup, markdown_table, memory_kind, path_legend, publish, run_line,
 )
 from sra.models import ModelConfig, build_model, model_config  # noqa: E402
 from sra.sampling import SamplerConfig, generate  # noqa: E402
@@ -46,7 +50,6 @@ from sra.sampling.schedules import sde_times  # noqa: E402
 
 CFG_SCALE, GUIDANCE_LOW, GUIDANCE_HIGH = 1.8, 0.0, 0.7  # paper 256 px (SPEC §5)
 DEFAULT_STEPS = 250
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Largest |ours − release| allowed, relative to the output std: fp32 vs fp64 state rounding
 # stays far below it; bf16 autocast does not (its comparison is reported, not asserted).
 REL_TOL_FP32 = 1e-3
@@ -152,12 +155,10 @@ def run_case(case: SampleCase, device: torch.device, steps: int, amp: torch.dtyp
             "repeatable": k + "#nondeterministic" not in first,
             "tflops_per_s": n_img * fwd_flops / med / 1e12,
         }
-    for k in kinds:
-        if k != "release":
-            paths[k]["speedup_vs_release"] = paths["release"]["median_s"] / paths[k]["median_s"]
+    add_speedups(paths)
     return {
         "case": case.name, "title": case.title, "batch": case.batch, "steps": steps,
-        "model": m.to_dict(), "amp": str(amp).replace("torch.", "") if amp is not None else "none",
+        "model": m.to_dict(), "amp": amp_name(amp),
         "sampler": sampler_config(steps, "float32").to_dict(), "output_std": scale,
         "network_images_per_run": n_img, "forward_gflop_per_image": fwd_flops / 1e9,
         "paths": paths,
@@ -165,12 +166,10 @@ def run_case(case: SampleCase, device: torch.device, steps: int, amp: torch.dtyp
 
 
 def to_markdown(results: dict) -> str:
-    m = results["machine"]
     lines = [
         "### Sampling: SDE with CFG interval, ours vs the release's compute path",
         "",
-        f"Machine: {describe_machine(m)}. Command: `{results['command']}`. "
-        f"{results['warmup']} warm-up + {results['repeats']} measured runs per path, interleaved; "
+        f"{run_line(results, 'runs')}, interleaved; "
         "median time per run of `batch` samples, spread = ±(max − min)/(2·median). "
         f"CFG {CFG_SCALE} on t ∈ [{GUIDANCE_LOW}, {GUIDANCE_HIGH}].",
         "",
@@ -182,18 +181,16 @@ def to_markdown(results: dict) -> str:
                 c["title"] if k == next(iter(c["paths"])) else "", c["batch"], c["steps"],
                 c["amp"] if k != "release" else "none", k, f"{p['median_s']:.2f} s",
                 f"±{p['spread_pct'] / 2:.0f}%", f"{p['images_per_s']:.3f}",
-                f"{fmt_bytes(p['peak_mem_bytes'])} (+{fmt_bytes(p['added_mem_bytes'])})",
-                f"{p['speedup_vs_release']:.2f}×" if "speedup_vs_release" in p else "1.00×",
+                fmt_peak(p),
+                fmt_speedup(p),
                 "–" if k == "release" else
                 f"{p['max_abs_diff_vs_release']:.1e} ({p['rel_diff_vs_release']:.1e} of std)",
             ])
     lines.append(markdown_table(
         ["case", "batch", "steps", "amp", "path", "time / run", "spread", "images/s",
          "peak mem (+run)", "speed-up", "max abs Δ vs release"], rows))
-    kind = next(iter(results["cases"][0]["paths"].values()))["memory_kind"]
-    lines += ["", f"Memory: {kind} during a run (+ what the run added).", "", "Paths:"]
-    lines += [f"- **{k}**: {v}" for k, v in PATH_CHOICES.items()
-              if any(k in c["paths"] for c in results["cases"])]
+    lines += ["", f"Memory: {memory_kind(results)} during a run (+ what the run added).", "",
+              "Paths:", *path_legend(PATH_CHOICES, results)]
     return "\n".join(lines) + "\n"
 
 
@@ -204,13 +201,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="cases: sit-b4, sit-xl2, tiny (default: sit-b4 on CPU, sit-xl2 on CUDA)")
     p.add_argument("--batch", type=int, default=None, help="samples per run (default: the case's)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="SDE steps (paper: 250)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--amp", default="none", choices=list(AMP_DTYPES),
                    help="autocast dtype of OUR network (the release path is always fp32)")
     p.add_argument("--compile", action="store_true", help="also time ours under torch.compile")
-    p.add_argument("--warmup", type=int, default=1, help="warm-up runs per path (not timed)")
-    p.add_argument("--repeats", type=int, default=3, help="measured runs per path")
-    p.add_argument("--seed", type=int, default=0, help="weights, noise, labels and sampler seed")
+    add_run_args(p, unit="runs", warmup=1, repeats=3,
+                 seed_help="weights, noise, labels and sampler seed")
     add_common_args(p, section="bench_sample")
     return p.parse_args(argv)
 
@@ -218,15 +213,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     """Run the benchmark; returns ``{"machine", "cases": [...], ...}`` (see :func:`run_case`)."""
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device, results = start_results(args, "bench_sample.py", argv)
     amp = AMP_DTYPES[args.amp]
     names = args.case or (["sit-xl2"] if device.type == "cuda" else ["sit-b4"])
     kinds = ["ours"] + (["ours+compile"] if args.compile else []) + ["release"]
-    results = {"machine": machine_info(device), "warmup": args.warmup, "repeats": args.repeats,
-               "command": command_line("bench_sample.py", argv),
-               "cases": []}
     for name in names:
         case = make_case(name)
         if args.batch:

@@ -5,16 +5,19 @@
     .venv/bin/python benchmarks/bench_train.py --out docs/benchmarks.md --json results.json
 
 Both paths are the same code (:class:`~sra.objectives.SRAObjective`, the same model, batch,
-seed, step function); the release's compute path is re-created by switching options:
+seed, step function); the release's compute path is re-created by switching options and by the
+pieces in :mod:`release_path` (its teacher wrapper and EMA loop):
 
 =========================  ==========================================  =========================
 choice                     ours                                        release
 =========================  ==========================================  =========================
 teacher forward            blocks 1..t only (``stop_after``)           every block + final layer
+                                                                       (:class:`ReleaseTeacher`)
 teacher precision          the student's autocast                      fp32, outside autocast
 attention                  SDPA                                        explicit softmax(qkᵀ)v
 AdamW                      fused (CUDA and CPU), as the loop           ``foreach=False`` loop
 EMA                        ``_foreach_lerp_`` (:func:`update_ema`)     python loop, mul_/add_
+                                                                       (:func:`update_ema_loop`)
 compile (``--compile``)    "ours+compile": student and teacher         never
                            forwards, as ``sra train --compile``
 =========================  ==========================================  =========================
@@ -33,7 +36,7 @@ import argparse
 import copy
 import sys
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -42,20 +45,25 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from common import (  # noqa: E402
-    H100_BF16_DENSE_TFLOPS, add_common_args, command_line, describe_machine, fmt_bytes,
-    machine_info, markdown_table, mfu, publish, release_memory, resolve_device, tensor_bytes,
-    time_interleaved, train_step_flops, unzero_init,
+    AMP_DTYPES, add_common_args, add_run_args, add_speedups, release_memory, start_results,
+    tensor_bytes, time_interleaved, unzero_init,
 )
-from sra.models import ModelConfig, build_model, model_config  # noqa: E402
-from sra.objectives import AlignConfig, FlowConfig, SRAObjective, make_process  # noqa: E402
-from sra.training.ema import make_ema, update_ema, update_ema_loop  # noqa: E402
+from flops import H100_BF16_DENSE_TFLOPS, mfu, train_step_flops  # noqa: E402
+from release_path import ReleaseTeacher, update_ema_loop  # noqa: E402
+from train_cases import TrainCase, make_batch, make_case  # noqa: E402
+from report import (  # noqa: E402
+    amp_name, fmt_bytes, fmt_peak, fmt_speedup, markdown_table, memory_kind, path_legend, publish,
+    run_line,
+)
+from sra.models import build_model  # noqa: E402
+from sra.objectives import FlowConfig, SRAObjective, make_process  # noqa: E402
+from sra.training.ema import make_ema, update_ema  # noqa: E402
 
 # Release defaults (SPEC §3): AdamW, clip, EMA decay, label dropout.
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-4, (0.9, 0.999), 1e-8, 0.0
 MAX_GRAD_NORM = 1.0
 EMA_DECAY = 0.9999
 LABEL_DROPOUT = 0.1
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOSS_TOL_FP32 = 1e-5  # step-0 |Δloss| allowed between the paths when both run in fp32
 
 PATH_CHOICES = {
@@ -70,87 +78,12 @@ PATH_CHOICES = {
 }
 
 
-@dataclass(frozen=True)
-class TrainCase:
-    """A model, its alignment blocks, a batch and where the batch comes from."""
-
-    name: str
-    title: str
-    model: ModelConfig
-    align: AlignConfig
-    batch: int
-    data: str = "latents"  # "latents": N(0, 1) latents; "digits": the bundled digits
-
-
-def _latent_case(name: str, title: str, model: str, input_size: int, batch: int, s: int, t: int,
-                 **overrides) -> TrainCase:
-    mcfg = model_config(model, **{"input_size": input_size, "in_channels": 4, "num_classes": 1000,
-                                  **overrides})
-    return TrainCase(name, title, mcfg, AlignConfig(student_block=s, teacher_block=t), batch)
-
-
-def _digits_case() -> TrainCase:
-    from sra.training.config import preset
-    from sra.data.digits import DIGITS_CLASSES, DIGITS_SIZE
-
-    cfg = preset("digits")
-    spec = cfg.model
-    mcfg = model_config(spec.name, depth=spec.depth, hidden_size=spec.hidden_size,
-                        num_heads=spec.num_heads, patch_size=spec.patch_size,
-                        input_size=DIGITS_SIZE, in_channels=1, num_classes=DIGITS_CLASSES)
-    return TrainCase("digits", f"digits preset ({spec.depth}×{spec.hidden_size}, patch "
-                     f"{spec.patch_size}, 16×16×1)", mcfg, cfg.align, cfg.loop.global_batch_size,
-                     data="digits")
-
-
-def make_case(name: str) -> TrainCase:
-    """Registered cases: ``sit-b4``, ``digits`` (CPU), ``sit-xl2`` (GPU), ``tiny`` (tests)."""
-    if name == "sit-b4":  # the release's default blocks s = 4, t = 8
-        return _latent_case(name, "SiT-B/4, 32×32×4 latents", "SiT-B/4", 32, 8, 4, 8)
-    if name == "sit-xl2":  # the paper's XL recipe s = 8, t = 20
-        return _latent_case(name, "SiT-XL/2, 32×32×4 latents (256 px)", "SiT-XL/2", 32, 32, 8, 20)
-    if name == "digits":
-        return _digits_case()
-    if name == "tiny":
-        return _latent_case(name, "tiny SiT (3×32, patch 2, 8×8×4)", "SiT-S/2", 8, 4, 1, 2,
-                            depth=3, hidden_size=32, num_heads=2, num_classes=10)
-    raise SystemExit(f"unknown case {name!r}; choose from sit-b4, digits, sit-xl2, tiny")
-
-
-def make_batch(case: TrainCase, seed: int,
-               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """One fixed batch (x0, y) reused by every step of every path."""
-    g = torch.Generator().manual_seed(seed)
-    m = case.model
-    if case.data == "digits":
-        from sra.data.digits import DigitsDataset
-
-        ds = DigitsDataset(m.input_size)
-        idx = torch.randperm(len(ds), generator=g)[: case.batch]
-        return ds.images[idx].to(device), ds.labels[idx].to(device)
-    x0 = torch.randn(case.batch, m.in_channels, m.input_size, m.input_size, generator=g)
-    y = torch.randint(0, m.num_classes, (case.batch,), generator=g)
-    return x0.to(device), y.to(device)
-
-
-class Fp32Teacher(nn.Module):
-    """The release's teacher call: autocast off, float inputs cast to fp32."""
-
-    def __init__(self, ema: nn.Module, device_type: str):
-        super().__init__()
-        self.ema = ema
-        self.device_type = device_type
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **kwargs):
-        with torch.autocast(self.device_type, enabled=False):
-            t = t.float() if t.is_floating_point() else t
-            return self.ema(x.float(), t, y, **kwargs)
-
-
 def build_path(kind: str, base: nn.Module, case: TrainCase, device: torch.device,
-               amp: torch.dtype | None, seed: int, x0: torch.Tensor, y: torch.Tensor):
+               amp: torch.dtype | None, seed: int, x0: torch.Tensor, y: torch.Tensor,
+               objective=None):
     """A training-step function ``step(i) -> (total, denoise, align)`` of one path on its own
-    copy of ``base`` (and its own EMA and optimizer)."""
+    copy of ``base`` (and its own EMA and optimizer). ``objective``: another objective than SRA
+    for "ours" paths (e.g. token groups, in bench_groups.py)."""
     release = kind == "release"
     model = copy.deepcopy(base).to(device).train()
     model.set_fused_attention(not release)
@@ -158,7 +91,7 @@ def build_path(kind: str, base: nn.Module, case: TrainCase, device: torch.device
     if release:
         opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS,
                                 weight_decay=WEIGHT_DECAY, foreach=False, fused=False)
-        teacher = Fp32Teacher(ema, device.type)
+        teacher = ReleaseTeacher(ema, device.type)  # every block + final layer, fp32
         ema_fn = update_ema_loop
     else:  # as sra.training.loop.Trainer (torch ≥ 2.4 has the fused kernel for CPU too)
         opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS,
@@ -168,9 +101,10 @@ def build_path(kind: str, base: nn.Module, case: TrainCase, device: torch.device
     forward_model = model
     if kind == "ours+compile":  # as the loop; update_ema keeps working on ``ema`` itself
         forward_model, teacher = torch.compile(model), torch.compile(ema)
-    objective = SRAObjective(make_process(case.model.family, FlowConfig()), case.align,
-                             LABEL_DROPOUT, case.model.num_classes, teacher_full_forward=release)
-    objective.check_model(case.model.depth)
+    if objective is None:
+        objective = SRAObjective(make_process(case.model.family, FlowConfig()), case.align,
+                                 LABEL_DROPOUT, case.model.num_classes)
+        objective.check_model(case.model.depth)
 
     def step(i: int):
         torch.manual_seed(seed + i)  # identical draws for step i of every path
@@ -252,10 +186,10 @@ def run_case(case: TrainCase, device: torch.device, amp: torch.dtype | None, kin
             "mfu": mfu(flops["step"] * case.batch, med, peak_tflops),
             "tflops_per_s": flops["step"] * case.batch / med / 1e12,
         }
+    add_speedups(paths)
     ref = paths["release"]
     for k in kinds:
         if k != "release":
-            paths[k]["speedup_vs_release"] = ref["median_s"] / paths[k]["median_s"]
             paths[k]["loss_step0_absdiff"] = abs(paths[k]["loss_step0"] - ref["loss_step0"])
             paths[k]["loss_max_absdiff"] = max(
                 abs(a - b) for a, b in zip(paths[k]["losses"], ref["losses"]))
@@ -264,7 +198,7 @@ def run_case(case: TrainCase, device: torch.device, amp: torch.dtype | None, kin
         "order": "sequential" if sequential else "interleaved", "model": case.model.to_dict(),
         "align": {"student_block": case.align.student_block,
                   "teacher_block": case.align.teacher_block, "loss_type": case.align.loss_type},
-        "amp": str(amp).replace("torch.", "") if amp is not None else "none",
+        "amp": amp_name(amp),
         "flops_per_image": {"ours_needed": flops, "release_executed": flops_release},
         "paths": paths,
     }
@@ -272,12 +206,10 @@ def run_case(case: TrainCase, device: torch.device, amp: torch.dtype | None, kin
 
 def to_markdown(results: dict) -> str:
     """The results as a markdown section."""
-    m = results["machine"]
     lines = [
         "### Training step: ours vs the release's compute path",
         "",
-        f"Machine: {describe_machine(m)}. Command: `{results['command']}`. "
-        f"{results['warmup']} warm-up + {results['repeats']} measured steps per path, "
+        f"{run_line(results, 'steps')}, "
         f"{results['cases'][0]['order']}; median step time, spread = ±(max − min)/(2·median).",
         "",
     ]
@@ -289,23 +221,22 @@ def to_markdown(results: dict) -> str:
                 f"{p['median_s'] * 1000:.1f} ms", f"±{p['spread_pct'] / 2:.0f}%",
                 f"{p['images_per_s']:.1f}",
                 fmt_bytes(p["state_bytes"]),
-                f"{fmt_bytes(p['peak_mem_bytes'])} (+{fmt_bytes(p['added_mem_bytes'])})",
+                fmt_peak(p),
                 f"{p['mfu'] * 100:.1f}%" if p["mfu"] is not None else "–",
-                f"{p['speedup_vs_release']:.2f}×" if "speedup_vs_release" in p else "1.00×",
+                fmt_speedup(p),
                 f"{p['loss_step0']:.6f}",
             ])
     lines.append(markdown_table(
         ["case", "batch", "amp", "path", "step", "spread", "images/s", "state", "peak mem (+step)",
          "MFU", "speed-up", "loss @ step 0"], rows))
-    kind = next(iter(results["cases"][0]["paths"].values()))["memory_kind"]
+    kind = memory_kind(results)
     together = any(c["order"] == "interleaved" for c in results["cases"])
     lines += ["", "state: the path's weights, EMA and optimizer state (exact tensor bytes). "
               f"peak mem: {kind} during the step, and in brackets what the step added on top of "
               "what was resident before it"
               + ("; interleaved, the process holds every path's state at once." if together
                  else ".")]
-    lines += ["", "Paths:"] + [f"- **{k}**: {v}" for k, v in PATH_CHOICES.items()
-                              if any(k in c["paths"] for c in results["cases"])]
+    lines += ["", "Paths:"] + path_legend(PATH_CHOICES, results)
     for c in results["cases"]:
         f = c["flops_per_image"]
         lines.append(f"- {c['title']}: {f['ours_needed']['step'] / 1e9:.2f} GFLOP per image per "
@@ -324,7 +255,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", nargs="+", type=int, default=None,
                    help="batch sizes (each case runs once per size; default: the case's own; "
                         "sit-xl2 on CUDA: 32 64)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--amp", default="auto", choices=["auto", *AMP_DTYPES],
                    help="autocast dtype of the step (auto: bf16 on CUDA, none on CPU)")
     p.add_argument("--compile", action="store_true",
@@ -337,9 +267,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="interleave the paths step by step (all resident at once) or run them one "
                         "after another (auto: sequential on CUDA, where several XL copies with "
                         "optimizer state would not fit, interleaved on CPU)")
-    p.add_argument("--warmup", type=int, default=3, help="warm-up steps per path (not timed)")
-    p.add_argument("--repeats", type=int, default=10, help="measured steps per path")
-    p.add_argument("--seed", type=int, default=0, help="weights, batch and per-step RNG seed")
+    add_run_args(p, unit="steps", warmup=3, repeats=10,
+                 seed_help="weights, batch and per-step RNG seed")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help=f"the device's peak TFLOP/s for MFU (default: {H100_BF16_DENSE_TFLOPS:g} "
                         "= H100 bf16 dense on CUDA, none on CPU)")
@@ -350,9 +279,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     """Run the benchmark; returns ``{"machine", "cases": [...], ...}`` (see :func:`run_case`)."""
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device, results = start_results(args, "bench_train.py", argv)
     cuda = device.type == "cuda"
     amp = AMP_DTYPES[("bf16" if cuda else "none") if args.amp == "auto" else args.amp]
     peak = args.peak_tflops
@@ -364,9 +291,6 @@ def main(argv=None) -> dict:
     names = args.case or (["sit-xl2"] if cuda else ["sit-b4", "digits"])
     kinds = default_paths(args.compile) if args.paths is None else \
         [k for k in PATH_CHOICES if k in args.paths or k == "release"]
-    results = {"machine": machine_info(device), "warmup": args.warmup, "repeats": args.repeats,
-               "command": command_line("bench_train.py", argv),
-               "cases": []}
     for name in names:
         case = make_case(name)
         batches = args.batch or ([32, 64] if name == "sit-xl2" else [case.batch])

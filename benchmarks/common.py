@@ -1,4 +1,4 @@
-"""Shared helpers of the throughput benchmarks: timing, peak memory, analytic FLOPs, reporting.
+"""Shared helpers of the throughput benchmarks: machine info, timing, peak memory, models, flags.
 
 Timing: paths are run *interleaved* (A B, then B A, …) so that drift of a shared machine hits
 every path alike; each path's times are summarised by their median and spread.
@@ -8,15 +8,14 @@ allocator). On CPU there is no allocator counter, so the process's peak resident
 read from ``/proc/self/status`` (``VmHWM``) after resetting it through ``/proc/self/clear_refs``
 (Linux ≥ 4.0): a *process* figure that includes every model alive in the process.
 
-FLOPs: counted analytically from the architecture (multiply-accumulates, ×2 for FLOPs), see
-:func:`forward_macs`. SiT-XL/2 at 256 px (32×32×4 latents) gives 118.6 GMAC per image.
+FLOPs are counted in :mod:`flops`, reports written by :mod:`report`; the release's compute
+path is :mod:`release_path`.
 """
 
 from __future__ import annotations
 
 import ctypes
 import gc
-import json
 import os
 import platform
 import statistics
@@ -33,21 +32,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT / "src"))
 
-from sra.models.registry import ModelConfig  # noqa: E402
+from report import command_line  # noqa: E402
+from sra.devices import resolve_device  # noqa: E402
 
-H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM bf16 dense tensor-core peak (no sparsity)
-SIT_XL2_256_GMAC = 118.6  # the DiT/SiT papers' forward cost of XL/2 at 256 px, per image
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 ZERO_INIT_STD = 0.02  # std of the weights given to adaLN-Zero / output layers in benchmarks
 
 
 # -- device & machine ------------------------------------------------------------------------------
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` → CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def synchronize(device: torch.device) -> None:
     """Wait for queued device work, so wall-clock times cover it."""
     if device.type == "cuda":
@@ -80,16 +72,6 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
-
-
-def describe_machine(info: dict) -> str:
-    """One line for reports."""
-    dev = info.get("gpu") or f"CPU {info['cpu']} ({info['cpu_count']} cores visible)"
-    line = (f"{dev}; torch {info['torch']}, torch threads: {info['torch_threads']}, "
-            f"python {info['python']}")
-    if info.get("load_avg_1m") is not None:
-        line += f"; 1-min load average at start {info['load_avg_1m']:.2f}"
-    return line
 
 
 # -- peak memory -----------------------------------------------------------------------------------
@@ -193,8 +175,12 @@ def _quantile(sorted_vals: Sequence[float], q: float) -> float:
 def time_interleaved(
     fns: dict[str, Callable[[int], object]], device: torch.device, warmup: int, repeats: int,
     on_result: Callable[[str, int, object], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, Timing]:
     """Call each ``fn(i)`` ``warmup`` + ``repeats`` times, alternating the order every round.
+
+    ``clock``: wall time by default; ``time.process_time`` measures the process's CPU time, which
+    other jobs on a shared CPU machine do not inflate (use it with one torch thread).
 
     ``i`` counts calls of that path from 0 (warm-up included), so paths that seed their step by
     ``i`` see identical random draws. ``on_result(name, i, result)`` gets every call's return.
@@ -207,10 +193,10 @@ def time_interleaved(
         for name in order:
             synchronize(device)
             with PeakMemory(device) as mem:
-                t0 = time.perf_counter()
+                t0 = clock()
                 result = fns[name](r)
                 synchronize(device)
-                dt = time.perf_counter() - t0
+                dt = clock() - t0
             tm = timings[name]
             tm.memory_kind = mem.kind
             if r >= warmup:
@@ -222,59 +208,12 @@ def time_interleaved(
     return timings
 
 
-# -- analytic FLOPs --------------------------------------------------------------------------------
-def block_macs(cfg: ModelConfig) -> int:
-    """Multiply-accumulates of one adaLN-Zero block for one image.
-
-    Per token: qkv 3D², attention projection D², MLP 2·(mlp_ratio·D²) (8D² at ratio 4), plus
-    the attention itself, 2·T·D (q·kᵀ and attn·v over T keys); per image: adaLN Linear(D, 6D).
-    Element-wise work (norms, softmax, GELU, modulation) is not counted, as is usual.
-    """
-    D, T = cfg.hidden_size, cfg.num_tokens
-    mlp_hidden = int(D * cfg.mlp_ratio)
-    per_token = 3 * D * D + D * D + 2 * D * mlp_hidden + 2 * T * D
-    return T * per_token + D * 6 * D
-
-
-def forward_macs(
-    cfg: ModelConfig, *, blocks: int | None = None, final_layer: bool = True,
-    head_tokens_blocks: int = 0,
-) -> int:
-    """MACs of one image's forward through the embedders, ``blocks`` blocks (all by default),
-    optionally the final layer, and the SRA head on ``head_tokens_blocks`` blocks' tokens."""
-    D, T, p = cfg.hidden_size, cfg.num_tokens, cfg.patch_size
-    n_blocks = cfg.depth if blocks is None else blocks
-    macs = T * (p * p * cfg.in_channels) * D  # patch-embedding conv
-    macs += 256 * D + D * D  # time embedder MLP (frequency dim 256)
-    macs += n_blocks * block_macs(cfg)
-    if final_layer:
-        macs += D * 2 * D + T * D * (p * p * cfg.out_channels)
-    if head_tokens_blocks:
-        hd = cfg.head_dim
-        macs += head_tokens_blocks * T * (D * hd + hd * D)
-    return macs
-
-
-def train_step_flops(cfg: ModelConfig, teacher_blocks: int | None, *, full_teacher: bool = False,
-                     use_head: bool = True) -> dict:
-    """FLOPs per image of one SRA training step: 3 × the student's forward (forward + backward
-    ≈ 2 × forward) plus the teacher's no-grad forward (blocks 1..t, no final layer; or the full
-    network with ``full_teacher``). With ``teacher_blocks=None`` there is no teacher."""
-    student = 2 * forward_macs(cfg, head_tokens_blocks=1 if use_head else 0)
-    if teacher_blocks is None:
-        teacher = 0
-    elif full_teacher:
-        teacher = 2 * forward_macs(cfg)
-    else:
-        teacher = 2 * forward_macs(cfg, blocks=teacher_blocks, final_layer=False)
-    return {"student_fwd": student, "teacher_fwd": teacher, "step": 3 * student + teacher}
-
-
-def mfu(flops_per_step: float, step_seconds: float, peak_tflops: float | None) -> float | None:
-    """Model FLOPs utilisation: achieved FLOP/s over the card's peak (None without a peak)."""
-    if not peak_tflops or step_seconds <= 0:
-        return None
-    return flops_per_step / step_seconds / (peak_tflops * 1e12)
+def add_speedups(paths: dict[str, dict]) -> None:
+    """Give every path but "release" its ``speedup_vs_release`` (ratio of median times)."""
+    ref = paths["release"]["median_s"]
+    for k, p in paths.items():
+        if k != "release":
+            p["speedup_vs_release"] = ref / p["median_s"]
 
 
 # -- models ----------------------------------------------------------------------------------------
@@ -294,74 +233,24 @@ def unzero_init(model: nn.Module, seed: int, std: float = ZERO_INIT_STD) -> nn.M
     return model
 
 
-# -- reporting -------------------------------------------------------------------------------------
-def fmt_bytes(n: float) -> str:
-    """1536 → '1.5 KiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
+# -- command line ----------------------------------------------------------------------------------
+def start_results(args, script: str, argv: Sequence[str] | None) -> tuple[torch.device, dict]:
+    """Apply ``--threads``, resolve ``--device`` and open the results record (machine,
+    warm-up/repeats, command line, an empty list of cases)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    return device, {"machine": machine_info(device), "warmup": args.warmup,
+                    "repeats": args.repeats, "command": command_line(script, argv), "cases": []}
 
 
-def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    """A GitHub markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def write_section(path: str | os.PathLike, name: str, markdown: str) -> None:
-    """Put ``markdown`` between ``<!-- name:begin -->`` / ``<!-- name:end -->`` in ``path``
-    (replacing an earlier version of that section, or appending it)."""
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    block = f"{begin}\n{markdown.rstrip()}\n{end}\n"
-    p = Path(path)
-    text = p.read_text() if p.exists() else ""
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        _, tail = rest.split(end, 1)
-        text = head + block.rstrip("\n") + tail
-    else:
-        text = (text.rstrip("\n") + "\n\n" if text else "") + block
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(text)
-
-
-OUTPUT_FLAGS = ("--out", "--section", "--json")  # where results go, not what is measured
-
-
-def command_line(script: str, argv: Sequence[str] | None) -> str:
-    """The benchmark's command line for reports, without the output-only flags."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    kept, skip = [], False
-    for a in args:
-        if skip:
-            skip = False
-        elif a in OUTPUT_FLAGS:
-            skip = True
-        elif not a.startswith(tuple(f + "=" for f in OUTPUT_FLAGS)):
-            kept.append(a)
-    return " ".join([script, *kept])
-
-
-def dump_json(obj: dict, path: str | os.PathLike | None) -> None:
-    """Write results as JSON (to stdout when ``path`` is ``-``)."""
-    if path is None:
-        return
-    text = json.dumps(obj, indent=2, default=str)
-    if str(path) == "-":
-        print(text)
-    else:
-        Path(path).write_text(text + "\n")
-
-
-def publish(results: dict, markdown: str, args) -> None:
-    """Print the report, and write it where the common flags say (``--out``/``--section``, ``--json``)."""
-    print(markdown)
-    if args.out:
-        write_section(args.out, args.section, markdown)
-    dump_json(results, args.json)
+def add_run_args(p, *, unit: str, warmup: int, repeats: int, seed_help: str) -> None:
+    """Flags both timing benchmarks share: the device, warm-up and measured ``unit``, the seed."""
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--warmup", type=int, default=warmup,
+                   help=f"warm-up {unit} per path (not timed)")
+    p.add_argument("--repeats", type=int, default=repeats, help=f"measured {unit} per path")
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
 
 
 def add_common_args(p, section: str) -> None:

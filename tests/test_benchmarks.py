@@ -1,4 +1,5 @@
-"""Smoke test of the throughput benchmarks (benchmarks/bench_train.py, bench_sample.py)."""
+"""Smoke test of the throughput benchmarks (benchmarks/bench_train.py, bench_sample.py) and of the
+release's compute path they re-create (benchmarks/release_path.py)."""
 
 import importlib
 import sys
@@ -16,7 +17,7 @@ def _load(name: str):
 
 
 def test_benchmarks_run_and_both_paths_agree(tmp_path):
-    common = _load("common")
+    flops = _load("flops")
     bench_train = _load("bench_train")
     bench_sample = _load("bench_sample")
     from sra.models import model_config
@@ -24,8 +25,8 @@ def test_benchmarks_run_and_both_paths_agree(tmp_path):
     # The analytic FLOP counter reproduces the papers' 118.6 GMAC for SiT-XL/2 at 256 px, and
     # the SRA step counts 3 student forwards (head included) plus the teacher's blocks 1..t.
     xl = model_config("SiT-XL/2", input_size=32, use_head=False)
-    assert abs(common.forward_macs(xl) / 1e9 - common.SIT_XL2_256_GMAC) < 0.05
-    step = common.train_step_flops(model_config("SiT-XL/2", input_size=32), 20)
+    assert abs(flops.forward_macs(xl) / 1e9 - flops.SIT_XL2_256_GMAC) < 0.05
+    step = flops.train_step_flops(model_config("SiT-XL/2", input_size=32), 20)
     assert step["teacher_fwd"] < step["student_fwd"]
     assert step["step"] == 3 * step["student_fwd"] + step["teacher_fwd"]
 
@@ -63,3 +64,31 @@ def _run_and_check(bench_train, bench_sample, md):
     text = md.read_text()
     assert text.count("<!-- bench_train:begin -->") == 1 and "<!-- bench_sample:end -->" in text
     assert "| ours |" in text and "| release |" in text
+
+
+def test_release_teacher_runs_everything_and_release_ema_matches_ours():
+    release_path = _load("release_path")
+    from sra.models import ModelConfig, build_model
+    from sra.training.ema import make_ema, update_ema
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(depth=3, hidden_size=32, num_heads=2, patch_size=2,
+                                    input_size=8, in_channels=4, num_classes=10)).eval()
+    ran_final = []
+    model.final_layer.register_forward_hook(lambda *a: ran_final.append(True))
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    early = model(x, t, y, return_blocks=(2,), stop_after=2)
+    assert not ran_final
+    # the release's teacher ignores the early stop: same features, final layer run, fp32 output
+    full = release_path.ReleaseTeacher(model, "cpu")(x, t, y, return_blocks=(2,), stop_after=2)
+    assert ran_final and full.output is not None and full.output.dtype == torch.float32
+    torch.testing.assert_close(full.features[2], early.features[2])
+
+    ema_a, ema_b = make_ema(model), make_ema(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    update_ema(ema_a, model, 0.9)
+    release_path.update_ema_loop(ema_b, model, 0.9)
+    for a, b in zip(ema_a.parameters(), ema_b.parameters()):
+        torch.testing.assert_close(a, b)

@@ -79,3 +79,18 @@ def test_convergence_study_writes_table_plot_and_resumes(tmp_path, fake_classifi
     monkeypatch.setattr(loop, "Trainer", lambda *a, **k: pytest.fail("finished run retrained"))
     conv.main(argv)
     assert "HAND-WRITTEN CONCLUSION" in (docs / "convergence.md").read_text()
+
+
+def test_objective_draws_run_on_the_diagnostics_stream():
+    """The token diagnostics call the objective's teacher time (global RNG) on their own seeded
+    stream: the same numbers as drawing from the generator, and the global RNG is untouched."""
+    _load_script()  # puts benchmarks/ on sys.path
+    from convergence_diagnostics import on_stream
+
+    g, ref = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    drawn = on_stream(g, lambda: torch.rand_like(torch.zeros(5)))
+    assert torch.equal(drawn, torch.rand(5, generator=ref))
+    assert torch.equal(torch.randn(3, generator=g), torch.randn(3, generator=ref))  # g moved on
+    assert torch.equal(torch.get_rng_state(), before)

@@ -16,9 +16,9 @@ from sra.cli import build_parser, main
 from sra.commands._args import float_list, int_list, str2bool
 from sra.errors import SraError
 from sra.models import ModelConfig, build_model
-from sra.viz.pca import (
-    XL_BLOCKS, default_blocks, feature_pca_maps, plot_pca_grid, prepare_input, token_pca,
-)
+from sra.viz.pca import XL_BLOCKS, default_blocks, feature_pca_maps, token_pca
+from sra.viz.pca_figure import plot_pca_grid
+from sra.viz.pca_inputs import prepare_input
 
 
 # ----------------------------------------------------------------------------- helpers

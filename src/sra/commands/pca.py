@@ -59,7 +59,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sra.viz.pca import PcaConfig, run_pca
+    from sra.viz.pca_run import PcaConfig, run_pca
 
     cfg = PcaConfig(
         ckpt=args.ckpt, compare=args.compare, image=args.image, label=args.label,

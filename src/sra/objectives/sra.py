@@ -130,17 +130,13 @@ class LossOutput:
 class SRAObjective:
     """Denoising loss of ``process`` plus λ·alignment between student and EMA teacher."""
 
-    def __init__(self, process, align: AlignConfig, label_dropout: float, num_classes: int,
-                 teacher_full_forward: bool = False):
-        """``teacher_full_forward`` re-creates the release's compute path (the teacher runs every
-        block and the final layer); the loss is the same, only slower. For benchmarks."""
+    def __init__(self, process, align: AlignConfig, label_dropout: float, num_classes: int):
         if not 0.0 <= label_dropout < 1.0:
             raise SraError(f"label dropout (cfg-prob) must be in [0, 1), got {label_dropout}")
         self.process = process
         self.align = align
         self.label_dropout = label_dropout
         self.null_label = num_classes
-        self.teacher_full_forward = teacher_full_forward
 
     def check_model(self, depth: int) -> None:
         """Raise a clear error if the alignment blocks do not exist in a model of ``depth``."""
@@ -176,9 +172,9 @@ class SRAObjective:
         t_teacher = proc.teacher_t(t, cfg.t_max)
         with torch.no_grad():
             x_teacher = proc.noisy(x0, eps, t_teacher)  # same x0 and ε, less noise
-            stop = None if self.teacher_full_forward else cfg.teacher_block
             target = teacher(
-                x_teacher, t_teacher, y, return_blocks=(cfg.teacher_block,), stop_after=stop,
+                x_teacher, t_teacher, y, return_blocks=(cfg.teacher_block,),
+                stop_after=cfg.teacher_block,
             ).features[cfg.teacher_block]  # (N, T, D)
         align = align_loss(student, target, cfg)
         total = denoise + weight * align

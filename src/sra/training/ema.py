@@ -9,7 +9,6 @@ import torch
 import torch.nn as nn
 
 
-
 @dataclass(frozen=True)
 class EMAConfig:
     """EMA of the weights; the EMA model is also the SRA teacher."""
@@ -53,11 +52,3 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float,
         torch._foreach_lerp_(ema_params, params, [weight] * len(params))
     for b_ema, b in zip(ema.buffers(), model.buffers()):
         b_ema.copy_(b)
-
-
-@torch.no_grad()
-def update_ema_loop(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """The release's per-parameter Python loop (kept for the benchmark's baseline path)."""
-    model_params = dict(model.named_parameters())
-    for name, p in ema.named_parameters():
-        p.mul_(decay).add_(model_params[name].detach(), alpha=1 - decay)

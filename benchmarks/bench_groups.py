@@ -1,0 +1,99 @@
+"""What token groups cost: a training step of SRA on dual-time token groups with attention
+separation against plain SRA, same model, batch and step code, side by side in one process.
+
+    .venv/bin/python benchmarks/bench_groups.py --threads 1            # CPU: digits, SiT-B/4
+    .venv/bin/python benchmarks/bench_groups.py --case sit-xl2 --device cuda
+
+Paths (each its own copy of the model, EMA and fused AdamW, as ``sra train`` steps them):
+
+- ``sra``: plain SRA (one time per image);
+- ``dts-as``: the follow-up's recipe — mask ratio 0.25, a time per group, attention separation,
+  SRA teacher times with the teacher mask. The model computes one adaLN modulation per group and
+  gathers it per token;
+- ``per-token``: the same with every token its own group (no separation): the cost of computing
+  the modulation once per token, i.e. what a naive per-token adaLN costs.
+
+On CPU the steps run interleaved and are timed on process CPU time (other jobs on the machine
+do not inflate it; use ``--threads 1``); the median is reported with its ratio to ``sra``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from bench_train import LABEL_DROPOUT, build_path  # noqa: E402
+from common import add_common_args, add_run_args, start_results, time_interleaved, unzero_init  # noqa: E402
+from report import publish  # noqa: E402
+from train_cases import make_batch, make_case  # noqa: E402
+from sra.models import build_model  # noqa: E402
+from sra.objectives import FlowConfig  # noqa: E402
+from sra.objectives.denoising import FlowMatching  # noqa: E402
+from sra.objectives.groups import DualTimeObjective, GroupConfig  # noqa: E402
+
+PATHS = ("sra", "dts-as", "per-token")
+
+
+def objective_for(kind: str, case):
+    """None (plain SRA, built by bench_train) or the token-group objective of ``kind``."""
+    m = case.model
+    if kind == "sra":
+        return None
+    if kind == "dts-as":
+        groups = GroupConfig(mask_ratios=(0.25,), dual_time=True, attention_separation=True,
+                             teacher_t="sra", teacher_mask=True)
+    else:  # one group per token: T modulations per image
+        groups = GroupConfig(mask_ratios=(1.0,) * m.num_tokens, dual_time=True,
+                             attention_separation=False, teacher_t="sra", teacher_mask=False)
+    return DualTimeObjective(FlowMatching(FlowConfig()), groups, case.align, LABEL_DROPOUT,
+                             m.num_classes, grid=m.grid_size, patch=m.patch_size)
+
+
+def run_case(name: str, device: torch.device, warmup: int, repeats: int, seed: int) -> dict:
+    case = make_case(name)
+    torch.manual_seed(seed)
+    base = unzero_init(build_model(case.model), seed)
+    x0, y = make_batch(case, seed, device)
+    steps = {kind: build_path("ours", base, case, device, None, seed, x0, y,
+                              objective=objective_for(kind, case)) for kind in PATHS}
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
+    timings = time_interleaved(steps, device, warmup, repeats, clock=clock)
+    med = {k: t.summary()["median_s"] for k, t in timings.items()}
+    return {"case": case.title, "clock": "process CPU time" if device.type == "cpu" else "wall",
+            "paths": {k: {"median_ms": 1000 * m, "ratio_to_sra": m / med["sra"]}
+                      for k, m in med.items()}}
+
+
+def to_markdown(results: dict) -> str:
+    lines = []
+    for c in results["cases"]:
+        lines += [f"**{c['case']}** ({c['clock']}, median of {results['repeats']})", "",
+                  "| path | step | vs SRA |", "|---|---|---|"]
+        lines += [f"| {k} | {v['median_ms']:.1f} ms | {v['ratio_to_sra']:.3f}× |"
+                  for k, v in c["paths"].items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--case", nargs="+", default=["digits", "sit-b4"],
+                   help="digits | sit-b4 | sit-xl2 | tiny (see train_cases.py)")
+    add_run_args(p, unit="steps", warmup=2, repeats=8, seed_help="seed of the model and batch")
+    add_common_args(p, section="groups")
+    args = p.parse_args(argv)
+    device, results = start_results(args, "benchmarks/bench_groups.py", argv)
+    for name in args.case:
+        results["cases"].append(run_case(name, device, args.warmup, args.repeats, args.seed))
+    publish(results, to_markdown(results), args)
+    return results
+
+
+if __name__ == "__main__":
+    main()
