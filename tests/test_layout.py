@@ -13,7 +13,7 @@ LAYERS = {
     "sra": 0, "sra.errors": 0, "sra.atomic": 0, "sra.devices": 0,
     "sra.data": 1, "sra.models": 1, "sra.diffusion": 1, "sra.checkpoints": 1,
     "sra.objectives": 2, "sra.sampling": 2,
-    "sra.training": 3, "sra.eval": 3, "sra.viz": 3,
+    "sra.training": 3, "sra.eval": 3, "sra.viz": 3, "sra.encoders": 3,
     "sra.commands": 4,
     "sra.cli": 5, "sra.__main__": 5,
 }

@@ -1,10 +1,12 @@
-"""``sra train``: SRA (or vanilla) training of SiT / DiT on accelerate.
+"""``sra train``: SRA (or vanilla, or REPA) training of SiT / DiT on accelerate.
 
 Single GPU:   accelerate launch -m sra.cli train --preset sit-xl2-256 --data-dir DATA
 8 GPUs:       accelerate launch --multi_gpu --num_processes 8 -m sra.cli train ...
 2 nodes × 8:  accelerate launch --multi_gpu --num_machines 2 --num_processes 16
                 --machine_rank R --main_process_ip HOST --main_process_port 29500 -m sra.cli train ...
 Laptop CPU:   sra train --preset digits
+REPA:         --align-target encoder (presets sit-xl2-repa-256, digits-repa): block-s tokens
+              through a projector toward a frozen encoder's tokens of the clean image
 """
 
 from __future__ import annotations
@@ -12,6 +14,16 @@ from __future__ import annotations
 import argparse
 
 from sra.commands._args import float_list, str2bool
+from sra.errors import SraError
+
+def sampler_preset(name: str):
+    """A sampler preset by name (argparse type)."""
+    from sra.sampling.config import PRESETS
+
+    if name not in PRESETS:
+        raise argparse.ArgumentTypeError(f"unknown sampler preset {name!r}; allowed: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
 
 # flag → (dotted config path, type, help). Release flag names are kept verbatim; aliases follow.
 FLAGS: list[tuple[list[str], str, object, str]] = [
@@ -22,7 +34,20 @@ FLAGS: list[tuple[list[str], str, object, str]] = [
     (["--patch-size"], "model.patch_size", int, "custom patch size (overrides the name's)"),
     (["--qk-norm"], "model.qk_norm", str2bool, "LayerNorm on q and k per head"),
     (["--fused-attn"], "model.fused_attn", str2bool, "use scaled_dot_product_attention"),
-    (["--block-out-s"], "align.student_block", int, "student block s (1-indexed) fed to the head"),
+    (["--align-target"], "align_target", str,
+     "alignment target: ema (SRA: the EMA teacher's block-t tokens) | encoder (REPA: a frozen "
+     "encoder's patch tokens of the clean image; no teacher runs)"),
+    (["--encoder", "--enc-type"], "encoder_align.encoder", str,
+     "REPA encoder: dinov2-vit-s14 | dinov2-vit-b14 | dinov2-vit-l14 (timm, DINOv2) | "
+     "digits-classifier (the digits positive control)"),
+    (["--encoder-weights"], "encoder_align.encoder_weights", str,
+     "REPA: local encoder weights (.safetensors or a tensors-only .pth), for offline use; "
+     "default: the library's pretrained download"),
+    (["--encoder-resolution"], "encoder_align.encoder_resolution", int,
+     "REPA: encoder input size (default: the encoder's own, 224 for DINOv2)"),
+    (["--projector-dim"], "encoder_align.projector_dim", int, "REPA: projector hidden width P"),
+    (["--block-out-s", "--encoder-depth"], "align.student_block", int,
+     "student block s (1-indexed) fed to the head (SRA's or, with --align-target encoder, REPA's)"),
     (["--block-out-t"], "align.teacher_block", int, "teacher (EMA) block t > s giving the target"),
     (["--t-max"], "align.t_max", float, "largest teacher time gap, in (0, 1]"),
     (["--loss-type"], "align.loss_type", str,
@@ -60,6 +85,8 @@ FLAGS: list[tuple[list[str], str, object, str]] = [
     (["--num-workers"], "data.num_workers", int, "DataLoader workers per process"),
     (["--cfg-prob"], "data.label_dropout", float, "label dropout probability (for CFG)"),
     (["--vae"], "data.vae", str, "VAE (hub id or path) to decode latent sample grids"),
+    (["--image-dir"], "data.image_dir", str,
+     "REPA on latents: the raw images (default: images/ beside vae-sd/, or the encode's source)"),
     (["--batch-size", "--global-batch-size"], "loop.global_batch_size", int,
      "GLOBAL batch per optimizer step (all processes × accumulation)"),
     (["--gradient-accumulation-steps"], "loop.gradient_accumulation_steps", int,
@@ -81,6 +108,17 @@ FLAGS: list[tuple[list[str], str, object, str]] = [
     (["--compile"], "loop.compile", str2bool, "torch.compile the student and teacher forwards"),
     (["--report-to"], "loop.report_to", str, "tracker: tensorboard | wandb | none"),
     (["--eval-samples"], "loop.eval_samples", int, "digits: samples for the end-of-run metric"),
+    (["--fid-every"], "fid.every", int,
+     "score the EMA every N steps: FID + IS vs --fid-ref (digits: the classifier's FD); 0: off"),
+    (["--fid-ref"], "fid.ref", str,
+     "reference batch for --fid-every: a file, imagenet256, imagenet512, hf://… or a URL"),
+    (["--fid-samples"], "fid.samples", int, "samples per in-training evaluation (e.g. 10000)"),
+    (["--fid-batch-size"], "fid.batch_size", int,
+     "samples per batch per process (fixes the seed set: results do not depend on processes)"),
+    (["--fid-sampler"], "fid.sampler", sampler_preset,
+     "sampler preset for in-training quality (e.g. fid-noguidance, paper-256, ode-fast)"),
+    (["--inception-weights"], "fid.inception_weights", str,
+     "Inception weights for --fid-every (default: inception-2015-12-05)"),
     (["--learning-rate", "--lr"], "optim.learning_rate", float, "AdamW learning rate"),
     (["--adam-beta1"], "optim.adam_beta1", float, "AdamW β1"),
     (["--adam-beta2"], "optim.adam_beta2", float, "AdamW β2"),
@@ -124,17 +162,37 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# With --align-target encoder the shared alignment flags set REPA's fields instead of SRA's.
+ENCODER_ROUTES = {"align.student_block": "encoder_align.student_block",
+                  "align.weight": "encoder_align.weight", "align.enabled": "encoder_align.enabled"}
+TEACHER_ONLY = ("align.teacher_block", "align.t_max", "align.loss_type", "align.schedule",
+                "align.decay_start", "align.decay_steps")
+
+
 def config_from_args(args: argparse.Namespace):
-    """Preset + explicit flags → :class:`~sra.training.config.TrainConfig` (validated)."""
+    """Preset + explicit flags → :class:`~sra.training.config.TrainConfig` (validated). A flag
+    that would do nothing for the chosen alignment target is refused in one line."""
     from sra.training.config import override, preset
 
     cfg = preset(args.preset)
-    for _, dest, _, _ in FLAGS:
+    target = "ema" if args.vanilla else (args.align_target or cfg.align_target)
+    for names, dest, _, _ in FLAGS:
         value = getattr(args, dest.replace(".", "__"))
-        if value is not None:
-            cfg = override(cfg, dest, value)
+        if value is None:
+            continue
+        if target == "encoder" and dest in TEACHER_ONLY:
+            raise SraError(f"{names[0]} sets SRA's EMA teacher, which --align-target encoder "
+                           f"never runs; drop it")
+        if target == "ema" and dest.startswith("encoder_align."):
+            raise SraError(f"{names[0]} is for --align-target encoder (REPA); this run aligns "
+                           f"to the EMA teacher" + (" (--vanilla: no alignment)" if args.vanilla else ""))
+        cfg = override(cfg, ENCODER_ROUTES.get(dest, dest) if target == "encoder" else dest, value)
     if args.vanilla:
-        cfg = override(cfg, "align.enabled", False)
+        cfg = override(override(cfg, "align_target", "ema"), "align.enabled", False)
+    if cfg.uses_encoder:
+        from sra.encoders import encoder_spec
+
+        encoder_spec(cfg.encoder_align.encoder)  # an unknown name fails now, listing the names
     return cfg
 
 

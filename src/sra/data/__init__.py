@@ -1,8 +1,10 @@
 """Opening a dataset by name (bundled digits, release ``vae-sd`` latents, packed latents).
 
 Training, sampling and evaluation open data through :func:`build_dataset` and see one interface:
-``(x, y)`` items plus ``.info`` (:class:`~sra.data.base.DataInfo`). The submodules also hold the
-preprocessing that makes such data (``images``, ``encode``) and the layouts' names (``formats``).
+``(x, y)`` items plus ``.info`` (:class:`~sra.data.base.DataInfo`); with ``with_images=True``
+latent items are ``(x, image_uint8, y)`` (:mod:`sra.data.paired`, for REPA's encoder). The
+submodules also hold the preprocessing that makes such data (``images``, ``encode``) and the
+layouts' names (``formats``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class DataConfig:
     num_workers: int = 4
     label_dropout: float = 0.1  # --cfg-prob
     vae: str = DEFAULT_VAE  # decodes latent sample grids (hub id or local path)
+    image_dir: str | None = None  # raw images of latent data (REPA); None → found beside them
 
 
 def dataset_kind(spec: str) -> str:
@@ -58,13 +61,17 @@ def dataset_kind(spec: str) -> str:
 
 
 def build_dataset(
-    spec: str, resolution: int | None = None, latent_scale: float | None = None
+    spec: str, resolution: int | None = None, latent_scale: float | None = None,
+    with_images: bool = False, image_dir: str | None = None,
 ) -> Dataset:
     """Open a dataset by ``spec``: "digits", a packed folder, or a release ``vae-sd`` folder/ZIP.
 
     An ``encode`` output folder works too (its ``packed/`` is preferred over its ``vae-sd/``).
     ``resolution`` (pixels) is checked against the data (latents: latent size × 8;
-    digits: 16). ``latent_scale`` overrides the stored/default 0.18215.
+    digits: 16). ``latent_scale`` overrides the stored/default 0.18215. ``with_images``: latent
+    items become ``(x, image_uint8 (3, H, W), y)`` with the raw image of each latent (found
+    beside the latents or in ``image_dir``; missing ones are one error line now). Pixel data
+    (the digits) stays ``(x, y)``: there x itself is the clean image.
     """
     kind = dataset_kind(os.fspath(spec))
     if kind == DIGITS:
@@ -89,4 +96,8 @@ def build_dataset(
             f"dataset {spec} holds {info.size}x{info.size} latents = {info.resolution}px images, "
             f"but --resolution is {resolution}"
         )
+    if with_images:
+        from sra.data.paired import with_images as pair_images
+
+        dataset = pair_images(dataset, spec, image_dir)
     return dataset

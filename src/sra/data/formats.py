@@ -20,6 +20,7 @@ from sra.data.base import SD_VAE_SCALE, DataInfo
 VAE_DOWNSAMPLE = 8  # SD-VAE latent = image / 8: resolutions must be multiples of it
 LABELS_FILE = "dataset.json"  # labels of an images or release folder/ZIP
 
+IMAGES_DIR = "images"  # the raw images' folder (or ZIP stem) beside ``vae-sd/`` (REPA's layout)
 RELEASE_DIR = "vae-sd"  # the release latents' folder (or ZIP stem) inside a data folder
 PACKED_DIR = "packed"  # the packed latents' folder inside an ``encode`` output folder
 

@@ -223,13 +223,15 @@ def _read_classifier(path: Path) -> DigitsClassifier:
 
 
 def load_digits_classifier(
-    path: str | os.PathLike | None = None, *, train_if_missing: bool = True, progress: bool = False
+    path: str | os.PathLike | None = None, *, train_if_missing: bool = True, progress: bool = False,
+    config: DigitsClassifierConfig | None = None,
 ) -> DigitsClassifier:
     """The cached classifier (CPU, eval mode).
 
     A missing cache file is trained and written (atomically); a damaged or foreign one is retrained
     and overwritten with a warning (it is only a cache). With ``train_if_missing=False`` both raise
-    :class:`SraError` instead.
+    :class:`SraError` instead. ``config`` (with its own ``path``) trains another classifier than
+    the scoring one, e.g. the REPA positive control's encoder; None → the scoring classifier's.
     """
     path = Path(path) if path is not None else default_classifier_path()
     if path.is_file():
@@ -241,7 +243,7 @@ def load_digits_classifier(
             warnings.warn(f"cached digit classifier {path} is unusable ({exc}); retraining it", RuntimeWarning)
     elif not train_if_missing:
         raise SraError(f"digit classifier not found: {path}")
-    cfg = DigitsClassifierConfig()
+    cfg = config if config is not None else DigitsClassifierConfig()
     model = train_digits_classifier(cfg, progress=progress)
     if model.test_acc < MIN_TEST_ACC:
         raise RuntimeError(f"digit classifier reached only {model.test_acc:.3f} held-out accuracy")

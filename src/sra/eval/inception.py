@@ -96,7 +96,7 @@ def weights_id(weights: str | os.PathLike = INCEPTION_URL) -> str:
     """
     weights = str(weights)
     h = hashlib.sha256()
-    if is_url(weights):
+    if is_url(weights) or weights.startswith("hf://"):
         h.update(weights.encode())
     else:
         with open(Path(weights).expanduser(), "rb") as f:

@@ -1,5 +1,6 @@
 """The transformer's building blocks: embeddings, attention, the adaLN-Zero block, the final
-layer and the SRA projector head (docs/method.md §2). Module names equal the release's."""
+layer and the projector heads: SRA's and REPA's (docs/method.md §2, SPEC §11). Module names equal
+the release's."""
 
 from __future__ import annotations
 
@@ -184,3 +185,19 @@ class ProjectorHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear2(self.act(self.linear1(x)))
+
+
+class RepaProjector(nn.Module):
+    """REPA head toward an encoder of width E: Linear(D, P) → SiLU → Linear(P, P) → SiLU →
+    Linear(P, E) (SPEC §11). Stored as ``ap_head`` like the SRA head, so sampling drops it the
+    same way and ``project=True`` applies it."""
+
+    def __init__(self, dim: int, hidden: int, out: int):
+        super().__init__()
+        self.linear1 = nn.Linear(dim, hidden)
+        self.linear2 = nn.Linear(hidden, hidden)
+        self.linear3 = nn.Linear(hidden, out)
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear3(self.act(self.linear2(self.act(self.linear1(x)))))  # (N, T, E)

@@ -21,6 +21,11 @@ SIZES: dict[str, tuple[int, int, int]] = {
     "XL": (28, 1152, 16),
 }
 PATCHES = (2, 4, 8)
+# Projector heads on the student's block-s tokens (``ap_head``): "sra" Linear(D, P)–SiLU–
+# Linear(P, D) (docs/method.md §2.2); "repa" Linear(D, P)–SiLU–Linear(P, P)–SiLU–Linear(P, E)
+# toward an external encoder of width E = ``head_out`` (SPEC §11).
+HEADS = ("sra", "repa")
+REPA_PROJECTOR_DIM = 2048  # REPA's projector width
 MODEL_NAMES: tuple[str, ...] = tuple(
     f"{fam}-{size}/{p}" for fam in FAMILIES for size in SIZES for p in PATCHES
 )
@@ -40,8 +45,10 @@ class ModelConfig:
     num_classes: int = 1000
     mlp_ratio: float = 4.0
     qk_norm: bool = False
-    projector_dim: int | None = None  # SRA head hidden width; None → 2·hidden_size
-    use_head: bool = True  # build the SRA projector head (``ap_head``)
+    projector_dim: int | None = None  # head hidden width; None → 2·hidden_size (SRA) / 2048 (REPA)
+    use_head: bool = True  # build the projector head (``ap_head``)
+    head: str = "sra"  # which head: "sra" (out D) or "repa" (out ``head_out``)
+    head_out: int | None = None  # REPA head output width E (the encoder's); None for SRA
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -59,6 +66,12 @@ class ModelConfig:
         for name in ("depth", "num_heads", "patch_size", "input_size", "in_channels", "num_classes"):
             if getattr(self, name) < 1:
                 raise SraError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.head not in HEADS:
+            raise choice_error("projector head", self.head, HEADS)
+        if self.head == "repa" and (self.head_out is None or self.head_out < 1):
+            raise SraError(f"the REPA head needs its output width (the encoder's), got {self.head_out}")
+        if self.projector_dim is not None and self.projector_dim < 1:
+            raise SraError(f"projector dim must be ≥ 1, got {self.projector_dim}")
 
     @property
     def learn_sigma(self) -> bool:
@@ -79,7 +92,15 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.projector_dim or 2 * self.hidden_size
+        """The projector head's hidden width."""
+        if self.projector_dim:
+            return self.projector_dim
+        return REPA_PROJECTOR_DIM if self.head == "repa" else 2 * self.hidden_size
+
+    @property
+    def head_out_dim(self) -> int:
+        """Width of the head's output tokens: D for SRA, the encoder's E for REPA."""
+        return self.head_out if self.head == "repa" else self.hidden_size
 
     def check_blocks(self, blocks, what: str = "block") -> None:
         """Raise a one-line error unless every block number is in 1..depth (the one place this

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from sra.errors import SraError
 from sra.models.layers import (Block, FinalLayer, LabelEmbedder, PatchEmbed, ProjectorHead,
-                               TimestepEmbedder, sincos_pos_embed_2d)
+                               RepaProjector, TimestepEmbedder, sincos_pos_embed_2d)
 from sra.models.registry import ModelConfig
 
 class TransformerOutput(NamedTuple):
@@ -32,7 +32,8 @@ class TransformerOutput(NamedTuple):
 
 
 class DiffusionTransformer(nn.Module):
-    """SiT / DiT backbone (one class), optionally with the SRA projector head ``ap_head``."""
+    """SiT / DiT backbone (one class), optionally with a projector head ``ap_head`` (SRA's, or
+    REPA's when ``config.head == "repa"``)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -48,13 +49,16 @@ class DiffusionTransformer(nn.Module):
             Block(D, config.num_heads, config.mlp_ratio, config.qk_norm) for _ in range(config.depth)
         )
         self.final_layer = FinalLayer(D, config.patch_size, config.out_channels)
-        self.ap_head: ProjectorHead | None = None
+        self.ap_head: ProjectorHead | RepaProjector | None = None
         self.initialize_weights()
         if config.use_head:
             # Built after the backbone is initialised so it draws its random numbers last: the
             # same seed gives a model with and without the head the same backbone weights, which
             # pairs vanilla and SRA runs (their difference is then the loss, not the init).
-            self.ap_head = ProjectorHead(D, config.head_dim)
+            if config.head == "repa":
+                self.ap_head = RepaProjector(D, config.head_dim, config.head_out_dim)
+            else:
+                self.ap_head = ProjectorHead(D, config.head_dim)
             self._init_linears(self.ap_head)
 
     # -- initialisation ------------------------------------------------------------------------
@@ -145,10 +149,11 @@ class DiffusionTransformer(nn.Module):
             separate: attention separation: a token attends only to tokens of its own group.
             return_blocks: block numbers (1-indexed) whose output tokens (N, T, D) to return.
             stop_after: run only blocks 1..stop_after and skip the final layer (output None).
-            project: pass the returned tokens through the SRA head ``ap_head``.
+            project: pass the returned tokens through the projector head ``ap_head``.
         Returns:
             :class:`TransformerOutput`: ``output`` the prediction (N, C_out, H, W) (None after
-            ``stop_after``), ``features`` {block: tokens (N, T, D)} for ``return_blocks``.
+            ``stop_after``), ``features`` {block: tokens (N, T, D)} for ``return_blocks``
+            ((N, T, E) through a REPA head).
         """
         self._check_inputs(x, t, y, groups)
         if separate and groups is None:
@@ -160,7 +165,7 @@ class DiffusionTransformer(nn.Module):
         if any(b > last for b in wanted):
             raise SraError(f"return_blocks {wanted} ask for blocks after stop_after={stop_after}")
         if project and self.ap_head is None:
-            raise SraError("project=True needs the SRA head, but this model was built without it")
+            raise SraError("project=True needs a projector head, but this model was built without it")
 
         h = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         if groups is None:
@@ -188,7 +193,7 @@ def build_model(config: ModelConfig) -> DiffusionTransformer:
 
 
 def count_parameters(model: nn.Module, include_head: bool = True) -> int:
-    """Trainable parameter count (the SRA head is not used at inference; exclude it if asked)."""
+    """Trainable parameter count (the projector head is not used at inference; exclude it if asked)."""
     return sum(
         p.numel() for n, p in model.named_parameters() if include_head or not n.startswith("ap_head.")
     )

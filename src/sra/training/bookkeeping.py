@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -193,3 +194,18 @@ def setup_run_logging(path: Path) -> None:
         console.setFormatter(logging.Formatter("sra: %(levelname)s: %(message)s"))
         console._sra_console = True
         root.addHandler(console)
+
+
+def build_accelerator(loop, run_dir: Path):
+    """The run's ``Accelerator``: mixed precision, trackers, logs under ``run_dir/tb``. Several
+    processes without CUDA (``accelerate launch --multi_gpu`` or torchrun on a CPU machine) get
+    gloo on the CPU: accelerate picks MULTI_CPU only when told "cpu"."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    trackers = [] if loop.report_to == "none" else [loop.report_to]
+    return Accelerator(cpu=multi_cpu, mixed_precision=loop.mixed_precision,
+                       log_with=trackers or None,
+                       project_config=ProjectConfiguration(project_dir=str(run_dir),
+                                                           logging_dir=str(run_dir / "tb")))

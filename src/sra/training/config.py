@@ -1,6 +1,7 @@
 """Training configuration: :class:`TrainConfig` composes the leaves' own config dataclasses
-(model, flow, alignment, optimizer, EMA, data, sampler) with the loop's; named presets; the
-resolved JSON saved per run. Nothing below the training layer imports this file.
+(model, flow, alignment — SRA's EMA teacher or REPA's encoder —, optimizer, EMA, data, sampler)
+with the loop's; named presets; the resolved JSON saved per run. Nothing below the training layer
+imports this file.
 
 Every number the training loop uses lives in one of these dataclasses. A preset is a complete :class:`TrainConfig`;
 command-line flags override single fields; the resolved result is written to
@@ -20,9 +21,11 @@ from sra.models import ModelConfig, model_config
 from sra.models.registry import ModelSpec
 from sra.objectives.denoising import FlowConfig
 from sra.objectives.groups import GroupConfig
+from sra.objectives.repa import ALIGN_TARGETS, EncoderAlignConfig
 from sra.objectives.sra import AlignConfig
 from sra.sampling.config import SamplerConfig
 from sra.training.ema import EMAConfig
+from sra.training.fid import FIDConfig
 from sra.training.optim import OptimConfig
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -49,7 +52,7 @@ class LoopConfig:
     compile: bool = False
     report_to: str = "tensorboard"  # tensorboard | wandb | none
     eval_digits: bool = True  # digits: classifier FD/accuracy of EMA samples at the end
-    eval_samples: int = 500
+    eval_samples: int = 500  # … with the --fid-* sampler and seed → eval_digits.json
 
     def __post_init__(self) -> None:
         check_choice("mixed precision", self.mixed_precision, MIXED_PRECISION)
@@ -65,15 +68,29 @@ class TrainConfig:
 
     model: ModelSpec = ModelSpec()
     flow: FlowConfig = FlowConfig()
-    align: AlignConfig = AlignConfig()
+    align: AlignConfig = AlignConfig()  # SRA: the EMA teacher's tokens (align_target "ema")
+    align_target: str = "ema"  # "ema" (SRA, or vanilla) | "encoder" (REPA)
+    encoder_align: EncoderAlignConfig = EncoderAlignConfig()  # REPA (align_target "encoder")
     groups: GroupConfig = GroupConfig()  # token groups (dual-time / attention separation); off
     optim: OptimConfig = OptimConfig()
     ema: EMAConfig = EMAConfig()
     data: DataConfig = DataConfig()
     loop: LoopConfig = LoopConfig()
+    fid: FIDConfig = FIDConfig()  # quality while training (--fid-*); off
     output_dir: str = "runs"
     exp_name: str = "sra"
     init_from: str | None = None  # initialise weights from a checkpoint (ours or the release's)
+
+    def __post_init__(self) -> None:
+        check_choice("alignment target (--align-target)", self.align_target, ALIGN_TARGETS)
+        if self.uses_encoder and self.groups.active:
+            raise SraError("token groups (--mask-ratio) work with the EMA teacher only, not with "
+                           "--align-target encoder")
+
+    @property
+    def uses_encoder(self) -> bool:
+        """REPA: an external encoder is the target (and the EMA teacher never runs)."""
+        return self.align_target == "encoder" and self.encoder_align.active
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,23 +104,57 @@ def resolve_model_config(cfg: TrainConfig, info: DataInfo) -> ModelConfig:
     spec = cfg.model
     overrides = dict(input_size=info.size, in_channels=info.channels, num_classes=info.num_classes,
                      qk_norm=spec.qk_norm, use_head=cfg.align.active)
+    if cfg.align_target == "encoder":
+        from sra.encoders import encoder_width
+
+        rep = cfg.encoder_align
+        overrides.update(use_head=rep.active)
+        if rep.active:  # the REPA projector ends in the encoder's width
+            overrides.update(head="repa", head_out=encoder_width(rep.encoder),
+                             projector_dim=rep.projector_dim)
     for name in ("depth", "hidden_size", "num_heads", "patch_size"):
         if getattr(spec, name) is not None:
             overrides[name] = getattr(spec, name)
     mcfg = model_config(spec.name, **overrides)
     if cfg.groups.active and mcfg.family != "SiT":
         raise SraError(f"token groups (--mask-ratio) are for SiT models only, not {spec.name}")
-    if cfg.align.active:
+    if cfg.uses_encoder:
+        mcfg.check_blocks([cfg.encoder_align.student_block], what="block-out-s")
+    elif cfg.align_target == "ema" and cfg.align.active:
         mcfg.check_blocks([cfg.align.teacher_block], what="block-out-t")
     return mcfg
 
 
+def dataset_options(cfg: TrainConfig) -> dict:
+    """Extra ``build_dataset`` arguments: REPA needs the raw image of every latent."""
+    return dict(with_images=cfg.uses_encoder, image_dir=cfg.data.image_dir)
+
+
+def open_dataset(cfg: TrainConfig):
+    """The run's dataset (with the raw images beside latents when the objective needs them)."""
+    from sra.data import build_dataset
+
+    return build_dataset(cfg.data.data_dir, cfg.data.resolution, **dataset_options(cfg))
+
+
 def build_objective(cfg: TrainConfig, mcfg: ModelConfig):
-    """The run's objective: SRA (or vanilla), or SRA on token groups when ``groups`` is on."""
+    """The run's objective: SRA (or vanilla), SRA on token groups when ``groups`` is on, or
+    REPA with the encoder built here and injected (objectives never import ``sra.encoders``)."""
     from sra.objectives import SRAObjective, make_process
     from sra.objectives.groups import DualTimeObjective
 
     process = make_process(mcfg.family, cfg.flow)
+    if cfg.align_target == "encoder":
+        if not cfg.uses_encoder:  # λ = 0 or switched off: plain denoising, nothing loaded
+            return SRAObjective(process, replace(cfg.align, enabled=False),
+                                cfg.data.label_dropout, mcfg.num_classes)
+        from sra.encoders import build_encoder
+        from sra.objectives.repa import EncoderAlignObjective
+
+        rep = cfg.encoder_align
+        encoder = build_encoder(rep.encoder, rep.encoder_weights, rep.encoder_resolution)
+        return EncoderAlignObjective(process, rep, cfg.data.label_dropout, mcfg.num_classes,
+                                     encoder, grid=mcfg.grid_size)
     if cfg.groups.active:
         return DualTimeObjective(process, cfg.groups, cfg.align, cfg.data.label_dropout,
                                  mcfg.num_classes, grid=mcfg.grid_size, patch=mcfg.patch_size)
@@ -132,6 +183,10 @@ _DIGITS = TrainConfig(
         checkpoint_steps=500, keep_last=2, milestone_steps=0, sample_steps=500, grid_samples=100,
         grid_sampler=SamplerConfig(mode="heun", steps=25, cfg_scale=2.0),
     ),
+    # The quality curve of the laptop demo: the digit classifier's FD of 500 EMA samples every
+    # 500 steps (Heun 25 steps, no guidance: the convergence study's metric).
+    fid=FIDConfig(every=500, samples=500, batch_size=250,
+                  sampler=SamplerConfig(mode="heun", steps=25)),
     exp_name="digits-sra",
 )
 
@@ -141,12 +196,26 @@ _SIT_XL = TrainConfig(
     align=AlignConfig(student_block=8, teacher_block=20, t_max=0.2, loss_type="cos", weight=0.5),
     exp_name="sit-xl2-sra",
 )
+# REPA (SPEC §11): SiT-XL/2, block 8 through a 2048-wide projector toward DINOv2-B/14 tokens of
+# the clean 224 px image, λ 0.5. The SRA fields stay the XL recipe's (used with --align-target ema).
+_SIT_XL_REPA = replace(
+    _SIT_XL, align_target="encoder", exp_name="sit-xl2-repa",
+    encoder_align=EncoderAlignConfig(encoder="dinov2-vit-b14", student_block=8, weight=0.5,
+                                     projector_dim=2048))
+# The digits positive control: the same run as `digits`, aligned (block 2, as SRA's student) with a
+# separately trained digit classifier's 4×4 conv map; the projector is 2·D wide like SRA's head.
+_DIGITS_REPA = replace(
+    _DIGITS, align_target="encoder", exp_name="digits-repa",
+    encoder_align=EncoderAlignConfig(encoder="digits-classifier", student_block=2, weight=0.5,
+                                     projector_dim=256))
 PRESETS: dict[str, TrainConfig] = {
     "digits": _DIGITS,
     "digits-vanilla": override(override(_DIGITS, "align.enabled", False), "exp_name", "digits-vanilla"),
+    "digits-repa": _DIGITS_REPA,
     "release-default": TrainConfig(exp_name="sra"),  # s = 4, t = 8
     "sit-xl2-256": _SIT_XL,
     "sit-xl2-512": replace(_SIT_XL, data=DataConfig(resolution=512), exp_name="sit-xl2-512-sra"),
+    "sit-xl2-repa-256": _SIT_XL_REPA,
     # The paper's B/2 ablation recipe: blocks 3 → 8, t_max 0.2, λ 0.2.
     "sit-b2-256": TrainConfig(
         model=ModelSpec(name="SiT-B/2"),

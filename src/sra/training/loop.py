@@ -15,7 +15,7 @@ import contextlib
 import json
 import logging
 import math
-import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,11 +29,13 @@ from sra.errors import SraError
 from sra.models import build_model
 from sra.training import checkpoint as ckpt
 from sra.training.batches import Position, ShardedBatchSampler, advance
-from sra.training.config import TrainConfig, build_objective, resolve_model_config
+from sra.training.config import TrainConfig, build_objective, open_dataset, resolve_model_config
 from sra.training.bookkeeping import (NonFiniteGuard, RateTimer, StatsWindow, StopFlag, any_process,
+                                      build_accelerator,
                                       check_replicas, flatten, reduce_mean, setup_run_logging,
                                       truncate_metrics)
 from sra.training.ema import ema_decay, make_ema, update_ema
+from sra.training.fid import FIDConfig, QualityProbe, evaluated, write_eval_digits
 from sra.training.monitor import METRICS_FILE, Monitor, MonitorConfig
 from sra.training.optim import build_optimizer, learning_rate
 from sra.training.resume import (Resumed, apply_state, check_resume_fits, find_resume_state,
@@ -41,35 +43,18 @@ from sra.training.resume import (Resumed, apply_state, check_resume_fits, find_r
 
 log = logging.getLogger("sra.train")
 
-# -- set-up helpers --------------------------------------------------------------------------------
-def load_dataset(cfg: TrainConfig):
-    from sra.data import build_dataset
-
-    return build_dataset(cfg.data.data_dir, cfg.data.resolution)
-
-
 # -- the trainer ----------------------------------------------------------------------------------
 class Trainer:
     """Holds a run's state; :meth:`fit` trains to ``loop.max_train_steps``."""
 
     def __init__(self, cfg: TrainConfig, resume: str | None = None):
-        from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration, set_seed
+        from accelerate.utils import set_seed
 
         self.cfg = cfg
         loop = cfg.loop
         self.notes: list[str] = []  # warnings found while setting up; logged once the log exists
         self.run_dir = Path(cfg.output_dir) / cfg.exp_name
-        trackers = [] if loop.report_to == "none" else [loop.report_to]
-        # Several processes without CUDA (`accelerate launch --multi_gpu` or torchrun on a CPU
-        # machine): accelerate picks gloo/MULTI_CPU only when told "cpu".
-        multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-        self.accelerator = Accelerator(
-            cpu=multi_cpu, mixed_precision=loop.mixed_precision, log_with=trackers or None,
-            project_config=ProjectConfiguration(project_dir=str(self.run_dir),
-                                                logging_dir=str(self.run_dir / "tb")),
-        )
-        acc = self.accelerator
+        self.accelerator = acc = build_accelerator(loop, self.run_dir)
         world = acc.num_processes
         per_step = world * loop.gradient_accumulation_steps
         if loop.global_batch_size % per_step:
@@ -83,7 +68,7 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
 
         # Data, model and the checkpoint to resume: all validated before anything is written.
-        self.dataset = load_dataset(cfg)
+        self.dataset = open_dataset(cfg)
         self.info: DataInfo = self.dataset.info
         self.model_cfg = resolve_model_config(cfg, self.info)
         state = find_resume_state(acc, self.run_dir, resume, self.notes)
@@ -129,9 +114,15 @@ class Trainer:
         self.monitor = Monitor(
             self.run_dir,
             MonitorConfig(grid_samples=loop.grid_samples, grid_sampler=loop.grid_sampler,
-                          eval_samples=loop.eval_samples if self._evaluates_digits() else 0,
                           vae=cfg.data.vae),
             self.model_cfg, self.info, cfg.flow.path_type, acc.device, acc.autocast)
+        self.probe = self._quality_probe(cfg.fid) if cfg.fid.every > 0 else None
+        self.last_quality: dict | None = None  # the probe's latest record (main process)
+
+    def _quality_probe(self, fid: FIDConfig) -> QualityProbe:
+        cfg = self.cfg
+        return QualityProbe(fid, self.accelerator, self.model_cfg, self.info, cfg.flow.path_type,
+                            cfg.data.vae, digits=cfg.data.data_dir == "digits")
 
     def _evaluates_digits(self) -> bool:
         return self.cfg.data.data_dir == "digits" and self.cfg.loop.eval_digits
@@ -168,14 +159,19 @@ class Trainer:
         A = cfg.loop.gradient_accumulation_steps
         stats: dict[str, torch.Tensor] = {}
         for k in range(A):
-            x, y = next(batches)
+            batch = next(batches)  # (x, y), or (x, image, y): latents with their images (REPA)
+            x, y = batch[0], batch[-1]
             x0 = draw_latents(x.to(acc.device, non_blocking=True), self.info)
             y = y.to(acc.device, non_blocking=True)
+            # REPA's clean images: the batch's, or x0 itself for pixel data (the digits)
+            extra = {"images": batch[1].to(acc.device, non_blocking=True) if len(batch) == 3
+                     else x0} if getattr(self.objective, "needs_images", False) else {}
             # DDP all-reduces gradients only on the last micro-batch of the step.
             sync = contextlib.nullcontext() if k == A - 1 else acc.no_sync(self.model)
             with sync:
                 with acc.autocast():  # the teacher runs under the same autocast
-                    out = self.objective(self.forward_model, self.teacher_model, x0, y, self.step)
+                    out = self.objective(self.forward_model, self.teacher_model, x0, y, self.step,
+                                         **extra)
                 acc.backward(out.total / A)  # outside autocast, as the AMP recipe asks
             for key, v in {"loss": out.total.detach(), "denoise": out.denoise,
                            "align": out.align, **out.stats}.items():
@@ -242,6 +238,8 @@ class Trainer:
                     rec = window.read()  # sync point
                     self._log(dict(rec, step=self.step, lr=lr, weight=weight, skipped=self.skipped,
                                    epoch=position.epoch, **rates), metrics_path, bar)
+                if self.probe is not None and self.step % cfg.fid.every == 0:
+                    self._log_quality(self.probe(self.ema, self.step), metrics_path)  # sync point
                 if loop.sample_steps and self.step % loop.sample_steps == 0 and acc.is_main_process:
                     self.monitor.snapshot(self.ema, self.step, cfg.exp_name)
                 if ckpt_step:
@@ -317,19 +315,28 @@ class Trainer:
             else:
                 self.monitor.curves(self.cfg.exp_name)
         check_replicas(acc, self.ema, self.run_dir)
-        if acc.is_main_process and self._evaluates_digits() and not self._evaluated():
-            self.monitor.evaluate_digits(self.ema, self.step)
+        n, fid = self.cfg.loop.eval_samples, self.cfg.fid
+        if self._evaluates_digits() and n >= 2 and not evaluated(self.run_dir, self.step):
+            # The same probe as --fid-every (its sampler and seed), with eval_samples samples; when
+            # it just ran at this step with as many samples, its record is this very number.
+            probe, rec = self.probe, self.last_quality
+            if not (probe is not None and self.step % fid.every == 0 and fid.samples == n):
+                probe = self._quality_probe(replace(fid, samples=n))
+                rec = probe(self.ema, self.step)
+            if acc.is_main_process:
+                write_eval_digits(self.run_dir, self.step, rec, probe.sampler)
         acc.wait_for_everyone()
         acc.end_training()
 
-    def _evaluated(self) -> bool:
-        """Whether ``eval_digits.json`` already holds this step's metric (a rerun of a complete run)."""
-        from sra.training.monitor import EVAL_DIGITS_FILE
+    def _log_quality(self, rec: dict | None, metrics_path: Path) -> None:
+        """A quality record (main process only has one) into metrics.jsonl and the trackers."""
+        if rec is None:
+            return
+        self.last_quality = rec
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        self.accelerator.log({k: v for k, v in rec.items() if k != "step"}, step=rec["step"])
 
-        try:
-            return json.loads((self.run_dir / EVAL_DIGITS_FILE).read_text())["step"] == self.step
-        except (OSError, ValueError, KeyError, TypeError):
-            return False
 
 def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     """Train per ``cfg`` (resuming from a checkpoint path or ``"auto"``); returns the run dir."""

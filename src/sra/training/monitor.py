@@ -1,4 +1,5 @@
-"""What a run shows about itself: EMA sample grids, the loss curves, and the digits metric.
+"""What a run shows about itself: EMA sample grids and the loss curves (its quality numbers are
+:mod:`sra.training.fid`).
 
 Everything here runs on the main process between optimizer steps, from the EMA weights, and
 never touches the training RNG stream (sampling uses its own generators).
@@ -6,7 +7,6 @@ never touches the training RNG stream (sampling uses its own generators).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass, replace
@@ -24,10 +24,8 @@ log = logging.getLogger("sra.train")
 
 GRID_MIN_CELL = 64  # pixels: grid cells are enlarged (nearest) to at least this size
 GRID_SEED = 1234  # fixed noise and labels: grids of one run are comparable across steps
-EVAL_SEED = 4321
 SAMPLE_BATCH = 256
 METRICS_FILE = "metrics.jsonl"
-EVAL_DIGITS_FILE = "eval_digits.json"
 
 
 @dataclass(frozen=True)
@@ -36,7 +34,6 @@ class MonitorConfig:
 
     grid_samples: int
     grid_sampler: SamplerConfig
-    eval_samples: int  # digits metric samples (0: off)
     vae: str  # decodes latent grids (hub id or folder)
 
 
@@ -113,19 +110,3 @@ class Monitor:
         wrote = [str(p) for p in (grid, curves) if p is not None]
         if wrote:
             log.info("wrote %s", " and ".join(wrote))
-
-    def evaluate_digits(self, ema: nn.Module, step: int) -> dict | None:
-        """Digit-classifier FD and class accuracy of EMA samples → ``eval_digits.json``."""
-        from sra.eval.digits import digits_metrics
-        from sra.atomic import atomic_write_text
-
-        n = self.cfg.eval_samples
-        if n < 1:
-            return None
-        labels = torch.arange(n) % self.model_cfg.num_classes
-        images = self.ema_samples(ema, n, seed=EVAL_SEED, labels=labels)
-        metrics = digits_metrics(images, labels)
-        atomic_write_text(self.run_dir / EVAL_DIGITS_FILE,
-                          json.dumps({"step": step, "num_samples": n, **metrics}, indent=2))
-        log.info("digits metric of EMA samples: %s", json.dumps(metrics))
-        return metrics

@@ -13,7 +13,8 @@ from sra.checkpoints.export import write_export
 from sra.errors import SraError
 from sra.sampling.config import PRESETS, SamplerConfig
 from sra.sampling.job import FAMILY_DEFAULTS
-from sra.training.monitor import EVAL_DIGITS_FILE, METRICS_FILE
+from sra.training.fid import EVAL_DIGITS_FILE
+from sra.training.monitor import METRICS_FILE
 
 
 def export_run(source: str | Path, out: str | Path, sampler_preset: str | None = None,

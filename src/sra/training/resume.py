@@ -122,11 +122,16 @@ def apply_state(state: ckpt.TrainingState, acc, model: nn.Module, ema: nn.Module
 
 def init_from_weights(model: nn.Module, source: str) -> None:
     """``--init-from``: a fresh run starts from a checkpoint's EMA weights (ours or the release's).
-    A checkpoint without the SRA head gets the model's freshly initialised head; a model without
-    a head drops the checkpoint's."""
+    The backbone must fit exactly; the head is the checkpoint's when it is this model's kind of
+    head, else the model's freshly initialised one (e.g. an SRA checkpoint into a REPA run); a
+    model without a head drops the checkpoint's."""
     sd, _ = ckpts.load_weights(source, weights="ema")
+    backbone = {k: v for k, v in sd.items() if not k.startswith("ap_head.")}
     if model.ap_head is None:
-        sd = {k: v for k, v in sd.items() if not k.startswith("ap_head.")}
-    elif not any(k.startswith("ap_head.") for k in sd):
-        sd = dict(sd, **{f"ap_head.{k}": v for k, v in model.ap_head.state_dict().items()})
+        sd = backbone
+    else:  # keep the checkpoint's head only if it is this model's kind (SRA's vs REPA's)
+        own = {f"ap_head.{k}": v for k, v in model.ap_head.state_dict().items()}
+        theirs = {k: v for k, v in sd.items() if k.startswith("ap_head.")}
+        fits = theirs.keys() == own.keys() and all(v.shape == own[k].shape for k, v in theirs.items())
+        sd = dict(backbone, **(theirs if fits else own))
     ckpts.load_state_dict_strict(model, sd, source)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 # The panels drawn, in order, when the run logged them.
 PANELS = (("loss", "total loss"), ("denoise", "denoising loss"), ("align", "alignment loss"),
-          ("cosine", "student·teacher cosine"), ("grad_norm", "grad norm"), ("lr", "learning rate"),
+          ("cosine", "student·target cosine"), ("grad_norm", "grad norm"), ("lr", "learning rate"),
           ("fid", "FID (EMA, in training)"), ("digits_fd", "digits FD (EMA, in training)"))
 
 
