@@ -21,16 +21,18 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale) + shift
 
 
-def per_token(mod: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
+def per_token(mod: torch.Tensor, onehot: torch.Tensor | None) -> torch.Tensor:
     """Conditioning outputs to token resolution.
 
     ``mod`` is (N, K) for one conditioning per sample → (N, 1, K), broadcast over the tokens; or
-    (N, G, K), one per token group, with ``groups`` (N, T) the group of every token → gathered to
-    (N, T, K). The modulation itself was computed once per group, never once per token.
+    (N, G, K), one per token group, with ``onehot`` (N, T, G) the group of every token → (N, T, K).
+    The modulation itself was computed once per group, never once per token; the selection is a
+    batched matmul with the one-hot map (exact: one term per sum), ≈5× faster on CPU than
+    ``gather`` with its scatter-add backward.
     """
-    if groups is None:
+    if onehot is None:
         return mod.unsqueeze(1)
-    return torch.gather(mod, 1, groups.unsqueeze(-1).expand(-1, -1, mod.shape[-1]))
+    return torch.bmm(onehot.to(mod.dtype), mod)
 
 
 def timestep_frequencies(t: torch.Tensor, dim: int = FREQ_EMBED_DIM) -> torch.Tensor:
@@ -150,11 +152,11 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, groups: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, c: torch.Tensor, onehot: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        # x (N, T, D); c (N, D), or (N, G, D) with groups (N, T); mask (N, 1, T, T) or None
+        # x (N, T, D); c (N, D), or (N, G, D) with the groups one-hot (N, T, G); mask (N, 1, T, T)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = per_token(
-            self.adaLN_modulation(c), groups).chunk(6, dim=-1)  # each (N, 1 or T, D)
+            self.adaLN_modulation(c), onehot).chunk(6, dim=-1)  # each (N, 1 or T, D)
         x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), mask)
         x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
@@ -169,8 +171,8 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(dim, patch * patch * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
-        shift, scale = per_token(self.adaLN_modulation(c), groups).chunk(2, dim=-1)
+    def forward(self, x: torch.Tensor, c: torch.Tensor, onehot: torch.Tensor | None = None) -> torch.Tensor:
+        shift, scale = per_token(self.adaLN_modulation(c), onehot).chunk(2, dim=-1)
         return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, T, p²·C_out)
 
 

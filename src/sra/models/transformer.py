@@ -17,6 +17,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from sra.errors import SraError
 from sra.models.layers import (Block, FinalLayer, LabelEmbedder, PatchEmbed, ProjectorHead,
@@ -173,17 +174,19 @@ class DiffusionTransformer(nn.Module):
         else:  # one conditioning per group: (N, G, D)
             n, g = t.shape
             c = self.t_embedder(t.reshape(-1)).view(n, g, -1) + self.y_embedder(y).unsqueeze(1)
-        mask = None
+        mask = onehot = None
+        if groups is not None:
+            onehot = F.one_hot(groups, t.shape[1])  # (N, T, G)
         if separate:  # (N, 1, T, T): True within a group
             mask = (groups.unsqueeze(2) == groups.unsqueeze(1)).unsqueeze(1)
         features: dict[int, torch.Tensor] = {}
         for i, block in enumerate(self.blocks[:last], start=1):
-            h = block(h, c, groups, mask)
+            h = block(h, c, onehot, mask)
             if i in wanted:
                 features[i] = self.ap_head(h) if project else h
         out = None
         if stop_after is None:
-            out = self.unpatchify(self.final_layer(h, c, groups))  # (N, C_out, H, W)
+            out = self.unpatchify(self.final_layer(h, c, onehot))  # (N, C_out, H, W)
         return TransformerOutput(out, features)
 
 
