@@ -48,7 +48,7 @@ from sra.models import ModelConfig, build_model, model_config  # noqa: E402
 from sra.sampling import SamplerConfig, generate  # noqa: E402
 from sra.sampling.schedules import sde_times  # noqa: E402
 
-CFG_SCALE, GUIDANCE_LOW, GUIDANCE_HIGH = 1.8, 0.0, 0.7  # paper 256 px (SPEC §5)
+CFG_SCALE, GUIDANCE_LOW, GUIDANCE_HIGH = 1.8, 0.0, 0.7  # paper 256 px (docs/method.md §5.3)
 DEFAULT_STEPS = 250
 # Largest |ours − release| allowed, relative to the output std: fp32 vs fp64 state rounding
 # stays far below it; bf16 autocast does not (its comparison is reported, not asserted).

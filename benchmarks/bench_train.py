@@ -59,7 +59,7 @@ from sra.models import build_model  # noqa: E402
 from sra.objectives import FlowConfig, SRAObjective, make_process  # noqa: E402
 from sra.training.ema import make_ema, update_ema  # noqa: E402
 
-# Release defaults (SPEC §3): AdamW, clip, EMA decay, label dropout.
+# Release defaults (docs/method.md §4.4): AdamW, clip, EMA decay, label dropout.
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-4, (0.9, 0.999), 1e-8, 0.0
 MAX_GRAD_NORM = 1.0
 EMA_DECAY = 0.9999

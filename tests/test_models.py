@@ -102,7 +102,7 @@ def test_block_equals_hand_computation():
     block = model.blocks[0]
     x = torch.randn(2, 16, 32)
     c = torch.randn(2, 32)
-    # by hand: adaLN-Zero block, SPEC §2b
+    # by hand: adaLN-Zero block, docs/method.md §2.3
     mod = F.linear(F.silu(c), block.adaLN_modulation[1].weight, block.adaLN_modulation[1].bias)
     sh1, sc1, g1, sh2, sc2, g2 = mod.chunk(6, dim=1)
     ln = lambda z: F.layer_norm(z, (32,), eps=1e-6)

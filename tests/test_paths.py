@@ -36,7 +36,7 @@ def test_score_from_true_velocity_is_minus_eps_over_sigma(name):
     xt, v = path.interpolate(x, eps, t), path.velocity(x, eps, t)
     sigma = path.sigma(t)[:, None]
     assert torch.allclose(path.score_from_velocity(v, xt, t), -eps / sigma, atol=1e-8)
-    # SPEC's form of the same identity (divides by α', fine away from t = 0)
+    # the usual form of the same identity (divides by α', fine away from t = 0)
     a, s, da, ds = (f(t)[:, None] for f in (path.alpha, path.sigma, path.d_alpha, path.d_sigma))
     spec = (a / da * v - xt) / (s**2 - a / da * ds * s)
     assert torch.allclose(path.score_from_velocity(v, xt, t), spec, atol=1e-8)

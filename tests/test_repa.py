@@ -1,4 +1,4 @@
-"""REPA, the external-encoder baseline (SPEC §11): projector head, loss, token resizing, encoders
+"""REPA, the external-encoder baseline (docs/method.md §9.3): projector head, loss, token resizing, encoders
 (tiny random ones saved to disk and loaded through the real path), images beside latents, the
 digits positive control and end-to-end runs from the CLI."""
 

@@ -1,4 +1,4 @@
-"""``sra pca``: the feature-PCA figure across blocks and noise levels (SPEC §7), for any model.
+"""``sra pca``: the feature-PCA figure across blocks and noise levels (docs/method.md §10), for any model.
 
     sra pca --ckpt runs/sit-b2 --label 207 --out figs/pca.png
     sra pca --ckpt SiT-XL-2-vanilla.pt --compare SiT-XL-2-SRA.pt --baseline --label 88

@@ -59,7 +59,7 @@ class Path:
         """∇log p_t(x_t) from a velocity prediction.
 
         Solving x_t = αx + σε and v = α'x + σ'ε for ε gives ε = (α·v − α'·x_t)/(α·σ' − α'·σ), and
-        score = −ε/σ. This equals SPEC's (α/α'·v − x)/(σ² − α/α'·σ'·σ) but never divides by α'
+        score = −ε/σ. This equals the usual form (α/α'·v − x)/(σ² − α/α'·σ'·σ) (docs/method.md §3.1) but never divides by α'
         (which is 0 at t = 0 for the cosine path).
         """
         a, s = _bcast(self.alpha(t), x_t), _bcast(self.sigma(t), x_t)

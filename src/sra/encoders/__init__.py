@@ -1,4 +1,4 @@
-"""Frozen image encoders whose patch tokens are REPA's alignment target (SPEC §11).
+"""Frozen image encoders whose patch tokens are REPA's alignment target (docs/method.md §9.3).
 
 The trainer builds one by name (:func:`build_encoder`) and hands it to the objective
 (:class:`sra.objectives.repa.EncoderAlignObjective`), which never imports this package.

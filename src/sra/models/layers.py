@@ -1,5 +1,5 @@
 """The transformer's building blocks: embeddings, attention, the adaLN-Zero block, the final
-layer and the projector heads: SRA's and REPA's (docs/method.md §2, SPEC §11). Module names equal
+layer and the projector heads: SRA's and REPA's (docs/method.md §2, §9.3). Module names equal
 the release's."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-FREQ_EMBED_DIM = 256  # sinusoidal time-embedding size (SPEC §2b)
+FREQ_EMBED_DIM = 256  # sinusoidal time-embedding size (docs/method.md §2.3)
 MAX_PERIOD = 10000.0
 LN_EPS = 1e-6
 
@@ -191,7 +191,7 @@ class ProjectorHead(nn.Module):
 
 class RepaProjector(nn.Module):
     """REPA head toward an encoder of width E: Linear(D, P) → SiLU → Linear(P, P) → SiLU →
-    Linear(P, E) (SPEC §11). Stored as ``ap_head`` like the SRA head, so sampling drops it the
+    Linear(P, E) (docs/method.md §9.3). Stored as ``ap_head`` like the SRA head, so sampling drops it the
     same way and ``project=True`` applies it."""
 
     def __init__(self, dim: int, hidden: int, out: int):

@@ -2,7 +2,7 @@
 
 A name is ``{family}-{size}/{patch}``: family ``SiT`` (flow matching, continuous t ∈ [0, 1],
 velocity output) or ``DiT`` (DDPM, integer t ∈ 0..999, learned-sigma output with 2× channels);
-sizes S/B/L/XL (SPEC §2) and patches 2/4/8. Custom dims go through :class:`ModelConfig` directly.
+sizes S/B/L/XL (docs/method.md §2.1) and patches 2/4/8. Custom dims go through :class:`ModelConfig` directly.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ SIZES: dict[str, tuple[int, int, int]] = {
 PATCHES = (2, 4, 8)
 # Projector heads on the student's block-s tokens (``ap_head``): "sra" Linear(D, P)–SiLU–
 # Linear(P, D) (docs/method.md §2.2); "repa" Linear(D, P)–SiLU–Linear(P, P)–SiLU–Linear(P, E)
-# toward an external encoder of width E = ``head_out`` (SPEC §11).
+# toward an external encoder of width E = ``head_out`` (docs/method.md §9.3).
 HEADS = ("sra", "repa")
 REPA_PROJECTOR_DIM = 2048  # REPA's projector width
 MODEL_NAMES: tuple[str, ...] = tuple(

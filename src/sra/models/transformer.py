@@ -3,7 +3,7 @@
 SiT and DiT differ only by configuration (:class:`~sra.models.registry.ModelConfig`): the time
 value fed to the time embedder (continuous t ∈ [0, 1] vs integer step 0..999) and the output
 channels (velocity vs ε‖variance-value). Module names and shapes equal the authors' release so
-its state dicts load with ``strict=True`` (SPEC §2, ``spec/official_state_dict_keys.json``).
+its state dicts load with ``strict=True`` (docs/method.md §2.4; the key list is ``tests/data/official_state_dict_keys.json``).
 
 Blocks are numbered from 1: "the tokens after block s" are ``features[s]``. ``forward`` can return
 any blocks' tokens and stop after the last one it needs (the SRA teacher never runs the blocks

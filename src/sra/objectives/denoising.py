@@ -23,7 +23,7 @@ PREDICTIONS = ("v",)  # the release trains SiT with v-prediction only
 
 @dataclass(frozen=True)
 class FlowConfig:
-    """SiT flow matching (SPEC §3)."""
+    """SiT flow matching (docs/method.md §3.1)."""
 
     path_type: str = "linear"  # linear | cosine
     prediction: str = "v"
@@ -48,7 +48,7 @@ class FlowMatching:
         return sample_time(self.config.weighting, n, self.path, device)
 
     def teacher_t(self, t: torch.Tensor, t_max: float) -> torch.Tensor:
-        """t_T = clamp(t − t_max·U(0, 1), 0, 1), per sample (SPEC §3)."""
+        """t_T = clamp(t − t_max·U(0, 1), 0, 1), per sample (docs/method.md §4.1)."""
         return (t - t_max * torch.rand_like(t)).clamp(0.0, 1.0)
 
     def noisy(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -60,7 +60,7 @@ class FlowMatching:
 
 
 class DDPMProcess:
-    """DiT: DDPM with learned-range variance and the hybrid loss (MSE(ε) + VB), SPEC §4."""
+    """DiT: DDPM with learned-range variance and the hybrid loss (MSE(ε) + VB), docs/method.md §3.2."""
 
     family = "DiT"
 
@@ -77,7 +77,7 @@ class DDPMProcess:
         return torch.randint(0, self.num_steps, (n,), device=device)
 
     def teacher_t(self, t: torch.Tensor, t_max: float) -> torch.Tensor:
-        """t_T = clamp(t − U_int[0, t_max·T), 1, T − 1) (SPEC §4)."""
+        """t_T = clamp(t − U_int[0, t_max·T), 1, T − 1) (docs/method.md §4.1)."""
         gap_max = max(1, int(round(t_max * self.num_steps)))
         gap = torch.randint(0, gap_max, t.shape, device=t.device)
         return (t - gap).clamp(1, self.num_steps - 1)

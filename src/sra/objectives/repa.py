@@ -1,4 +1,4 @@
-"""REPA, the external-encoder baseline (SPEC §11): align the student's tokens with a frozen encoder's.
+"""REPA, the external-encoder baseline (docs/method.md §9.3): align the student's tokens with a frozen encoder's.
 
 The student's tokens after block ``s`` go through the model's REPA projector (``ap_head``:
 Linear(D, P)–SiLU–Linear(P, P)–SiLU–Linear(P, E)) and are pulled toward a frozen encoder's patch

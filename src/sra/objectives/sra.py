@@ -1,4 +1,4 @@
-"""Self-Representation Alignment (SRA), SPEC §1, §3, §4.
+"""Self-Representation Alignment (SRA), docs/method.md §1 and §4.
 
 The student (the model being trained) sees x at time t; its tokens after block ``s`` go through
 the projector head. The teacher (EMA copy, no gradient, stops after block ``t_blk``) sees the

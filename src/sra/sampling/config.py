@@ -54,7 +54,7 @@ class SamplerConfig:
         return cls(**d)
 
 
-# The paper's evaluation settings (SPEC §5). "interval high 0.7" means guidance for t ≤ 0.7.
+# The paper's evaluation settings (docs/method.md §5.3). "interval high 0.7" means guidance for t ≤ 0.7.
 PRESETS: dict[str, SamplerConfig] = {
     "paper-256": SamplerConfig(mode="sde", steps=250, cfg_scale=1.8, guidance_high=0.7),
     "paper-512": SamplerConfig(mode="sde", steps=250, cfg_scale=2.5, guidance_high=0.7),

@@ -190,13 +190,13 @@ _DIGITS = TrainConfig(
     exp_name="digits-sra",
 )
 
-# The release's recipes (SPEC §3/§4); ImageNet 256 px latents.
+# The release's recipes (docs/method.md §4.4); ImageNet 256 px latents.
 _SIT_XL = TrainConfig(
     model=ModelSpec(name="SiT-XL/2"),
     align=AlignConfig(student_block=8, teacher_block=20, t_max=0.2, loss_type="cos", weight=0.5),
     exp_name="sit-xl2-sra",
 )
-# REPA (SPEC §11): SiT-XL/2, block 8 through a 2048-wide projector toward DINOv2-B/14 tokens of
+# REPA (docs/method.md §9.3): SiT-XL/2, block 8 through a 2048-wide projector toward DINOv2-B/14 tokens of
 # the clean 224 px image, λ 0.5. The SRA fields stay the XL recipe's (used with --align-target ema).
 _SIT_XL_REPA = replace(
     _SIT_XL, align_target="encoder", exp_name="sit-xl2-repa",

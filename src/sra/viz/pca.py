@@ -1,4 +1,4 @@
-"""Feature-PCA maps (SPEC §7): a 3-component PCA of each block's tokens at each noise level.
+"""Feature-PCA maps (docs/method.md §10): a 3-component PCA of each block's tokens at each noise level.
 
 For one clean input x0 and its class, x0 is noised to a few times with ONE fixed noise sample
 and run through the model once per time, stopping after the last block asked for (the final
