@@ -104,7 +104,7 @@ def build_path(kind: str, base: nn.Module, case: TrainCase, device: torch.device
     if objective is None:
         objective = SRAObjective(make_process(case.model.family, FlowConfig()), case.align,
                                  LABEL_DROPOUT, case.model.num_classes)
-        objective.check_model(case.model.depth)
+        objective.check_model(case.model)
 
     def step(i: int):
         torch.manual_seed(seed + i)  # identical draws for step i of every path

@@ -165,8 +165,8 @@ def test_bad_config_messages():
     with pytest.raises(SraError, match="allowed: uniform, lognormal"):
         FlowConfig(weighting="sigmoid")
     obj = SRAObjective(FlowMatching(), AlignConfig(student_block=2, teacher_block=9), 0.1, 3)
-    with pytest.raises(SraError, match=r"outside 1\.\.4"):
-        obj.check_model(4)
+    with pytest.raises(SraError, match=r"block-out-t 9 is outside 1\.\.4"):
+        obj.check_model(ModelConfig(depth=4, hidden_size=32, num_heads=2))
 
 
 def test_centered_loss_logs_the_angle_it_pulls_on():

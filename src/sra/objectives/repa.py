@@ -115,11 +115,9 @@ class EncoderAlignObjective:
         self.grid = grid
         self._device: torch.device | None = None  # where the encoder's weights are now
 
-    def check_model(self, depth: int) -> None:
-        """Raise a clear error if block s does not exist in a model of ``depth``."""
-        if not 1 <= self.cfg.student_block <= depth:
-            raise SraError(f"block-out-s {self.cfg.student_block} is outside 1..{depth} "
-                           f"(the model's depth)")
+    def check_model(self, model_cfg) -> None:
+        """Raise a clear error if block s does not exist in the model (a ModelConfig)."""
+        model_cfg.check_blocks([self.cfg.student_block], what="block-out-s")
 
     @torch.no_grad()
     def targets(self, images: torch.Tensor) -> torch.Tensor:

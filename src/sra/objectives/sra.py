@@ -138,12 +138,10 @@ class SRAObjective:
         self.label_dropout = label_dropout
         self.null_label = num_classes
 
-    def check_model(self, depth: int) -> None:
-        """Raise a clear error if the alignment blocks do not exist in a model of ``depth``."""
-        if self.align.active and not (self.align.teacher_block <= depth):
-            raise SraError(
-                f"block-out-t {self.align.teacher_block} is outside 1..{depth} (the model's depth)"
-            )
+    def check_model(self, model_cfg) -> None:
+        """Raise a clear error if the teacher's block does not exist in the model (a ModelConfig)."""
+        if self.align.active:
+            model_cfg.check_blocks([self.align.teacher_block], what="block-out-t")
 
     def __call__(
         self, model: nn.Module, teacher: nn.Module | None, x0: torch.Tensor, y: torch.Tensor,
