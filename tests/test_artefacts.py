@@ -149,12 +149,12 @@ def test_offline_uses_the_cache_or_says_so(server, monkeypatch):
 
 def test_hf_addresses_go_through_huggingface_hub_and_its_cache(server, monkeypatch, tmp_path):
     data = os.urandom(5000)
-    server.files[f"/owner/repo/resolve/main/sub/model.safetensors"] = data
+    server.files["/owner/repo/resolve/main/sub/model.safetensors"] = data
     path = A.resolve("hf://owner/repo/sub/model.safetensors")
     assert path.read_bytes() == data
     assert str(path).startswith(str(tmp_path / "hf-home" / "hub"))  # HF_HOME is honoured
     # a huggingface.co resolve URL is the same file, through the same cache
-    server.files[f"/owner/repo/resolve/v1/x.bin"] = b"xyz"
+    server.files["/owner/repo/resolve/v1/x.bin"] = b"xyz"
     assert A.resolve("https://huggingface.co/owner/repo/resolve/v1/x.bin").read_bytes() == b"xyz"
     # offline with a warm cache works; without a cached copy it is one line
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sra.cli import main
-from sra.training.config import override, preset
+from tiny import tiny_config
 from sra.errors import SraError
 from sra import checkpoints as ckpts
 from sra.training import checkpoint as ckpt
@@ -21,16 +21,10 @@ from sra.training.loop import Trainer
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> Path:
     """A tiny finished run: 4 steps, checkpoints at steps 2 and 4 (written by the real loop)."""
-    cfg = preset("digits")
-    for k, v in {
-        "model.depth": 2, "model.hidden_size": 32, "model.num_heads": 2, "align.student_block": 1,
-        "align.teacher_block": 2, "loop.global_batch_size": 8, "loop.report_to": "none",
-        "loop.sample_steps": 0, "loop.grid_samples": 4, "loop.eval_digits": False,
-        "loop.log_every": 2, "loop.max_train_steps": 4, "loop.checkpoint_steps": 2,
-        "loop.keep_last": 2, "loop.milestone_steps": 0,
-        "output_dir": str(tmp_path_factory.mktemp("integrity")), "exp_name": "run",
-    }.items():
-        cfg = override(cfg, k, v)
+    cfg = tiny_config(tmp_path_factory.mktemp("integrity"), **{
+        "model.depth": 2, "align.teacher_block": 2, "loop.global_batch_size": 8,
+        "loop.max_train_steps": 4, "loop.checkpoint_steps": 2, "loop.keep_last": 2,
+        "loop.milestone_steps": 0})
     return Trainer(cfg).fit()
 
 

@@ -9,7 +9,8 @@ import torch
 
 from sra.cli import main
 from sra.data.adm_npz import write_adm_npz
-from sra.training.config import override, preset
+from sra.training.config import preset
+from tiny import tiny_config
 from sra.training.fid import FIDConfig, QualityProbe
 from sra.training.loop import Trainer
 
@@ -38,12 +39,9 @@ def test_digits_run_reports_the_classifier_fd_at_each_requested_step(tmp_path):
 
 
 def _trainer(tmp_path, **kw):
-    cfg = preset("digits")
-    for k, v in {"model.depth": 2, "model.hidden_size": 32, "model.num_heads": 2,
-                 "align.student_block": 1, "align.teacher_block": 2, "loop.global_batch_size": 32,
-                 "loop.report_to": "none", "loop.max_train_steps": 2, "loop.checkpoint_steps": 2,
-                 "loop.grid_samples": 0, "loop.eval_digits": False, "output_dir": str(tmp_path), **kw}.items():
-        cfg = override(cfg, k, v)
+    cfg = tiny_config(tmp_path, **{"model.depth": 2, "align.teacher_block": 2,
+                                   "loop.max_train_steps": 2, "loop.checkpoint_steps": 2,
+                                   "loop.grid_samples": 0, **kw})
     trainer = Trainer(cfg)
     trainer.fit()
     return trainer

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from sra.cli import main
-from sra.training.config import override, preset
+from sra.training.config import override
+from tiny import tiny_config
 from sra.errors import SraError
 from sra.objectives.sra import LossOutput, SRAObjective
 from sra import checkpoints as ckpts
@@ -26,16 +27,7 @@ TINY = ["--depth", "4", "--hidden-size", "32", "--num-heads", "2", "--patch-size
 
 
 def tiny_cfg(tmp_path, **kw):
-    cfg = preset("digits")
-    for k, v in {
-        "model.depth": 4, "model.hidden_size": 32, "model.num_heads": 2, "align.student_block": 1,
-        "align.teacher_block": 3, "loop.global_batch_size": 32, "loop.report_to": "none",
-        "loop.sample_steps": 0, "loop.grid_samples": 4, "loop.eval_digits": False,
-        "loop.log_every": 2, "loop.max_train_steps": 6, "loop.checkpoint_steps": 3,
-        "output_dir": str(tmp_path), "exp_name": "run", **kw,
-    }.items():
-        cfg = override(cfg, k, v)
-    return cfg
+    return tiny_config(tmp_path, **kw)
 
 
 def cli(args, cwd):

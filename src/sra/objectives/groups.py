@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from sra.errors import SraError, check_choice
 from sra.objectives.denoising import FlowMatching
-from sra.objectives.sra import AlignConfig, LossOutput, align_loss, align_weight, drop_labels
+from sra.objectives.sra import (AlignConfig, LossOutput, align_loss, align_weight,
+                               check_label_dropout, drop_labels)
 
 TEACHER_TIMES = ("self_flow", "same", "sra")
 
@@ -122,10 +123,8 @@ class DualTimeObjective:
                  label_dropout: float, num_classes: int, grid: int, patch: int):
         if not isinstance(process, FlowMatching):
             raise SraError("token groups (--mask-ratio) are for SiT (flow matching) models only")
-        if not 0.0 <= label_dropout < 1.0:
-            raise SraError(f"label dropout (cfg-prob) must be in [0, 1), got {label_dropout}")
         self.process, self.groups, self.align = process, groups, align
-        self.label_dropout, self.null_label = label_dropout, num_classes
+        self.label_dropout, self.null_label = check_label_dropout(label_dropout), num_classes
         self.grid, self.patch = grid, patch
         self.sizes = group_sizes(groups.mask_ratios, grid * grid)
 

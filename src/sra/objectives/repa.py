@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sra.errors import SraError
-from sra.objectives.sra import LossOutput, drop_labels
+from sra.objectives.sra import LossOutput, check_label_dropout, drop_labels
 
 ALIGN_TARGETS = ("ema", "encoder")  # --align-target: SRA's EMA teacher or REPA's encoder
 
@@ -105,11 +105,9 @@ class EncoderAlignObjective:
 
     def __init__(self, process, cfg: EncoderAlignConfig, label_dropout: float, num_classes: int,
                  encoder: nn.Module, grid: int):
-        if not 0.0 <= label_dropout < 1.0:
-            raise SraError(f"label dropout (cfg-prob) must be in [0, 1), got {label_dropout}")
         self.process = process
         self.cfg = cfg
-        self.label_dropout = label_dropout
+        self.label_dropout = check_label_dropout(label_dropout)
         self.null_label = num_classes
         self.encoder = encoder.eval().requires_grad_(False)
         self.grid = grid

@@ -108,6 +108,13 @@ def align_loss(student: torch.Tensor, teacher: torch.Tensor, cfg: AlignConfig) -
     return F.l1_loss(s, t)
 
 
+def check_label_dropout(prob: float) -> float:
+    """``prob`` if it is a valid label-dropout probability (``--cfg-prob``), else a one-line error."""
+    if not 0.0 <= prob < 1.0:
+        raise SraError(f"label dropout (cfg-prob) must be in [0, 1), got {prob}")
+    return prob
+
+
 def drop_labels(y: torch.Tensor, prob: float, null_label: int) -> torch.Tensor:
     """Replace each label by the null label with probability ``prob`` (classifier-free guidance)."""
     if prob <= 0:
@@ -131,11 +138,9 @@ class SRAObjective:
     """Denoising loss of ``process`` plus λ·alignment between student and EMA teacher."""
 
     def __init__(self, process, align: AlignConfig, label_dropout: float, num_classes: int):
-        if not 0.0 <= label_dropout < 1.0:
-            raise SraError(f"label dropout (cfg-prob) must be in [0, 1), got {label_dropout}")
         self.process = process
         self.align = align
-        self.label_dropout = label_dropout
+        self.label_dropout = check_label_dropout(label_dropout)
         self.null_label = num_classes
 
     def check_model(self, model_cfg) -> None:
