@@ -42,22 +42,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from convergence_outputs import write_outputs  # noqa: E402
 from convergence_run import run_one, run_worker  # noqa: E402
 from convergence_setup import (  # noqa: E402
-    DEFAULT_DOCS_DIR, DEFAULT_WORK_DIR, REGIMES, RunSpec, StudyConfig,
+    DEFAULT_DOCS_DIR, DEFAULT_WORK_DIR, REGIMES, RunSpec, StudyConfig, build_config,
 )
 
 
 def _plan(study: StudyConfig, regime_names: Sequence[str]) -> tuple[int, list[RunSpec]]:
     """(how many runs are done, the runs still to do in seed-major order)."""
     specs: dict[str, RunSpec] = {}
+    first: set[str] = set()  # vanilla and positive-control arms: trained before the rest
     for reg in (REGIMES[r] for r in regime_names):
-        for arm in (reg.vanilla, reg.sra):
+        if reg.control:
+            first |= {reg.vanilla, reg.control}
+        for arm in (reg.vanilla, *reg.arms):
             for seed in study.seeds:
                 spec = RunSpec(arm, seed, study.steps or reg.steps, study.eval_every or reg.eval_every)
                 specs.setdefault(spec.key, spec)
     todo = [s for s in specs.values()
             if not (study.work_dir / "results" / f"{s.key}.json").exists()]
-    # Seed-major order: a partial study still holds complete (vanilla, SRA) pairs.
-    todo.sort(key=lambda s: (s.seed, list(specs).index(s.key)))
+    # Seed-major order: a partial study still holds complete (vanilla, SRA) pairs; a family's
+    # vanilla and positive control come first (whether the harness can see a gain at all).
+    todo.sort(key=lambda s: (s.arm not in first, s.seed, list(specs).index(s.key)))
     return len(specs) - len(todo), todo
 
 
@@ -73,23 +77,41 @@ def run_study(study: StudyConfig, regime_names: Sequence[str]) -> dict[str, Path
 
     load_digits_classifier()  # train the metric once, before workers race for it
     done, todo = _plan(study, regime_names)
+    _warm_encoders(todo, study)
     print(f"{done} runs done, {len(todo)} to go", flush=True)
     if study.jobs <= 1:
         for spec in todo:
-            r = run_one(spec, study)
-            print(f"done {spec.key}: train {r['train_s']:.0f}s eval {r['eval_s']:.0f}s", flush=True)
-            write_outputs(study)
+            _report_done(spec, run_one(spec, study), study)
     else:
         import multiprocessing as mp
 
         with ProcessPoolExecutor(study.jobs, mp_context=mp.get_context("spawn")) as pool:
             futs = {pool.submit(run_worker, (spec, study)): spec for spec in todo}
             for fut in as_completed(futs):
-                r = fut.result()
-                print(f"done {futs[fut].key}: train {r['train_s']:.0f}s eval {r['eval_s']:.0f}s "
-                      f"last FD {r['eval'][-1]['fd']:.2f}", flush=True)
-                write_outputs(study)
+                _report_done(futs[fut], fut.result(), study)
     return write_outputs(study)
+
+
+def _warm_encoders(todo: Sequence[RunSpec], study: StudyConfig) -> None:
+    """Build (train and cache, on first use) every encoder a REPA arm needs, before workers race."""
+    from sra.encoders import build_encoder
+
+    for name in sorted({c.encoder_align.encoder for c in (build_config(s, study) for s in todo)
+                        if c.uses_encoder}):
+        build_encoder(name, None, None)
+
+
+def _report_done(spec: RunSpec, r: dict, study: StudyConfig) -> None:
+    """One line per finished run, and the outputs rewritten; a failing report does not stop
+    the study (the runs' result files hold everything; ``--report-only`` rewrites them)."""
+    cpu = r.get("cpu_per_step_s")
+    print(f"done {spec.key}: train {r['train_s']:.0f}s eval {r['eval_s']:.0f}s "
+          f"cpu/step {1000 * cpu if cpu else float('nan'):.0f}ms last FD {r['eval'][-1]['fd']:.2f}",
+          flush=True)
+    try:
+        write_outputs(study)
+    except Exception as exc:  # noqa: BLE001 -- keep training; the report is rewritten at the end
+        print(f"report failed ({type(exc).__name__}: {exc}); runs continue", flush=True)
 
 
 def _overrides(items: Sequence[str]) -> tuple[tuple[str, object], ...]:

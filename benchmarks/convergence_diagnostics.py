@@ -33,7 +33,7 @@ def token_diagnostics(ckpt_dir: Path, student_block: int, teacher_block: int,
                       t_max: float) -> dict:
     """How student and teacher tokens relate at a checkpoint, on fixed real digits.
 
-    The student (trained weights; through the projector head when the run has one) sees x_t, the
+    The student (trained weights; through the projector head when the run has SRA's) sees x_t, the
     EMA teacher x_{t_T} at the objective's teacher time with the same ε (as in training). Returns
     the plain cosine and the cosine after removing each image's mean token ("centered"), and for
     both sides the share of the squared token norm carried by that per-image mean token (the
@@ -57,9 +57,11 @@ def token_diagnostics(ckpt_dir: Path, student_block: int, teacher_block: int,
     t = torch.rand(len(idx), generator=g)
     t_teacher = on_stream(g, lambda: proc.teacher_t(t, t_max))
     eps = torch.randn(x0.shape, generator=g)
+    # Through SRA's head only: a REPA head maps to the encoder's width, not the teacher's.
+    project = student.config.use_head and student.config.head == "sra"
     with torch.no_grad():
         s = student(proc.noisy(x0, eps, t), t, y, return_blocks=(student_block,),
-                    project=student.config.use_head).features[student_block]  # (N, T, D)
+                    project=project).features[student_block]  # (N, T, D)
         tt = teacher(proc.noisy(x0, eps, t_teacher), t_teacher, y, return_blocks=(teacher_block,),
                      stop_after=teacher_block).features[teacher_block]  # (N, T, D)
 
@@ -72,7 +74,7 @@ def token_diagnostics(ckpt_dir: Path, student_block: int, teacher_block: int,
         "cos_centered": float(F.cosine_similarity(sc, tc, dim=-1).mean()),
         "student_shared": shared_share(s), "teacher_shared": shared_share(tt),
         "blocks": [student_block, teacher_block],
-        "projected": bool(student.config.use_head), "step": int(json.loads(
+        "projected": bool(project), "step": int(json.loads(
             (Path(ckpt_dir) / "meta.json").read_text())["step"]),
     }
 

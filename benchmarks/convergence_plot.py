@@ -43,3 +43,49 @@ def write_plot(summaries: list[dict], path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+FAMILY_COLORS = {"vanilla": "tab:gray", "sra": "tab:red", "dts-as": "tab:blue",
+                 "dts-sf": "tab:cyan", "dts-noalign": "tab:purple", "repa": "tab:green"}
+
+
+def write_family_plot(summ: dict, path: Path) -> Path | None:
+    """A family regime: FD vs step and FD vs cumulative CPU time (steps × the arm's CPU seconds
+    per step), every arm's mean over seeds with a ± standard-error band."""
+    from convergence_family import curve_bands
+    from convergence_family_report import short
+
+    if not summ["arms"][summ["regime"].vanilla]["runs"]:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for arm, table in summ["arms"].items():
+        runs, name = table["runs"], short(summ, arm)
+        if not runs:
+            continue
+        c = summ["cost"][arm][0]
+        for ax, scale in ((axes[0], 1.0), (axes[1], c / 60 if c == c else None)):
+            if scale is None:
+                continue
+            xs, ms, ses = curve_bands(runs, scale)
+            color = FAMILY_COLORS.get(name)
+            ax.plot(xs, ms, marker="o", ms=3, lw=1.6, color=color, label=f"{name} (n={len(runs)})")
+            ax.fill_between(xs, [m - s for m, s in zip(ms, ses)], [m + s for m, s in zip(ms, ses)],
+                            color=color, alpha=0.2, lw=0)
+    axes[0].set_xlabel("optimizer step")
+    axes[1].set_xlabel("cumulative training CPU time (min, one thread)")
+    for ax in axes:
+        ax.set_ylabel("digit-classifier FD (↓)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{summ['regime'].name}: mean ± SE over seeds", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -8,6 +8,7 @@ import json
 import os
 import statistics
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
@@ -78,8 +79,14 @@ def run_one(spec: RunSpec, study: StudyConfig) -> dict:
     t0 = time.perf_counter()
     latest = ckpts.latest_checkpoint(run_dir)
     done = latest is not None and ckpts.read_meta(latest)["step"] >= spec.steps
+    cost = {"train_cpu_s": 0.0, "trained_steps": 0}
     if not done:
-        Trainer(cfg, resume="auto" if latest is not None else None).fit()
+        trainer = Trainer(cfg, resume="auto" if latest is not None else None)
+        start, c0 = trainer.step, time.process_time()
+        trainer.fit()
+        # Process CPU time of the steps trained here (one thread: other jobs on the machine do
+        # not inflate it as they inflate wall time); set-up (data, model, encoder) excluded.
+        cost = {"train_cpu_s": time.process_time() - c0, "trained_steps": trainer.step - start}
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     evals = []
@@ -93,10 +100,14 @@ def run_one(spec: RunSpec, study: StudyConfig) -> dict:
     result = {
         "arm": spec.arm, "seed": spec.seed, "steps": spec.steps, "eval_every": spec.eval_every,
         "overrides": [list(o) for o in ARMS[spec.arm] + tuple(study.extra)],
-        "config": {"model": cfg.model.__dict__, "align": cfg.align.__dict__,
-                   "lr": cfg.optim.learning_rate, "batch": cfg.loop.global_batch_size,
-                   "ema_decay": cfg.ema.decay},
-        "eval": evals, "train_s": train_s,
+        "config": {"model": asdict(cfg.model), "align": asdict(cfg.align),
+                   "align_target": cfg.align_target, "encoder_align": asdict(cfg.encoder_align),
+                   "groups": asdict(cfg.groups), "lr": cfg.optim.learning_rate,
+                   "batch": cfg.loop.global_batch_size, "ema_decay": cfg.ema.decay},
+        "eval": evals, "train_s": train_s, **cost,
+        # CPU seconds per optimizer step (None when nothing was trained in this call).
+        "cpu_per_step_s": (cost["train_cpu_s"] / cost["trained_steps"]
+                           if cost["trained_steps"] else None),
         # Since the SRA head is built after the backbone's init, one seed gives both arms the
         # same initial backbone; results written before that lack this key.
         "paired_init": True,

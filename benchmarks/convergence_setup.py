@@ -1,5 +1,6 @@
 """What the convergence study compares: the arms (overrides of the digits preset), the regimes
-(a vanilla arm against an SRA arm), the study-wide settings, and each run's training config."""
+(a vanilla arm against one SRA arm, or against several arms: a "family" regime), the study-wide
+settings, and each run's training config."""
 
 from __future__ import annotations
 
@@ -41,16 +42,67 @@ ARMS: dict[str, tuple[tuple[str, Any], ...]] = {
 }
 
 
+def _family_arms(prefix: str, base: tuple[tuple[str, Any], ...] = ()) -> dict[str, tuple]:
+    """The self-alignment family on one base (extra overrides shared by all its arms): vanilla,
+    SRA, dual-time groups + attention separation with two teacher inputs, the same groups without
+    alignment, and REPA toward the digits-classifier encoder (the positive control). Every arm
+    builds the backbone first from the seed, so one seed gives all arms the same initial backbone
+    (heads, where any, are built after it) and the same data order."""
+    groups = (("groups.mask_ratios", (0.25,)), ("groups.dual_time", True),
+              ("groups.attention_separation", True))
+    return {f"{prefix}{name}": base + arm for name, arm in {
+        "vanilla": (("align.enabled", False),),
+        "sra": (),
+        # The follow-up's reference recipe (preset digits-dts-as): r 0.25, DTS, AS, SRA teacher
+        # times, teacher mask.
+        "dts-as": groups + (("groups.teacher_t", "sra"), ("groups.teacher_mask", True)),
+        # The second candidate: the Self-Flow teacher (whole image at the cleanest group's time),
+        # no teacher mask (the reference code's argparse default teacher input).
+        "dts-sf": groups + (("groups.teacher_t", "self_flow"), ("groups.teacher_mask", False)),
+        "dts-noalign": groups + (("align.enabled", False),),
+        # REPA toward a separately trained digit classifier's 4×4 conv map (preset digits-repa).
+        "repa": (("align_target", "encoder"), ("encoder_align.encoder", "digits-classifier"),
+                 ("encoder_align.student_block", 2), ("encoder_align.weight", 0.5),
+                 ("encoder_align.projector_dim", 256)),
+    }.items()}
+
+
+FAMILY_ARMS = ("vanilla", "sra", "dts-as", "dts-sf", "dts-noalign", "repa")
+ARMS.update(_family_arms("fam-"))
+ARMS.update(_family_arms("fam-p2-", (("model.patch_size", 2),)))
+
+
 @dataclass(frozen=True)
 class Regime:
-    """One comparison: a vanilla arm against an SRA arm (same model, data, seeds, steps)."""
+    """One comparison: a vanilla arm against an SRA arm (same model, data, seeds, steps), or
+    against several arms (``others`` non-empty: a multi-arm "family" regime, each arm compared
+    with vanilla, paired by seed, at equal steps and at equal compute)."""
 
     name: str
     vanilla: str
-    sra: str
+    sra: str  # the (first) arm compared with vanilla
     description: str
     steps: int = 1500
     eval_every: int = 250
+    others: tuple[str, ...] = ()  # further arms of a family regime
+    control: str | None = None  # the positive control: must show a gain, else the harness is blind
+
+    @property
+    def arms(self) -> tuple[str, ...]:
+        """Every arm compared with vanilla."""
+        return (self.sra, *self.others)
+
+    @property
+    def is_family(self) -> bool:
+        return bool(self.others)
+
+
+def family_regime(name: str, prefix: str, description: str, steps: int = 1000,
+                  eval_every: int = 125) -> Regime:
+    """A multi-arm regime over the arms of :func:`_family_arms` with ``prefix``."""
+    arms = [f"{prefix}{a}" for a in FAMILY_ARMS]
+    return Regime(name, arms[0], arms[1], description, steps, eval_every, tuple(arms[2:]),
+                  control=f"{prefix}repa")
 
 
 REGIMES: dict[str, Regime] = {r.name: r for r in (
@@ -69,6 +121,10 @@ REGIMES: dict[str, Regime] = {r.name: r for r in (
            "the paper's B/2 recipe: depth 12, s=3 → t=8, λ 0.2 (width 128, patch 4 as the preset)"),
     Regime("ema97", "vanilla-ema97", "sra-ema97",
            "as headline, EMA decay capped at 0.97 (teacher ≈33 steps behind instead of ≈step/9)"),
+    family_regime("family", "fam-", "The digits preset (16 tokens): vanilla, SRA, DTS + AS "
+                  "(teacher sra + mask; teacher self_flow, no mask), DTS + AS without alignment, "
+                  "REPA toward the digits-classifier encoder"),
+    family_regime("family-p2", "fam-p2-", "As family, patch 2 (64 tokens)"),
 )}
 
 
@@ -134,5 +190,6 @@ def build_config(spec: RunSpec, study: StudyConfig):
         loop["global_batch_size"] = study.batch_size
     for name, value in loop.items():
         cfg = override(cfg, f"loop.{name}", value)
+    cfg = override(cfg, "fid.every", 0)  # the study scores its checkpoints itself
     cfg = override(cfg, "output_dir", str(study.work_dir / "runs"))
     return override(cfg, "exp_name", spec.key)

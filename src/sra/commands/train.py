@@ -16,6 +16,7 @@ import argparse
 from sra.commands._args import float_list, str2bool
 from sra.errors import SraError
 
+
 def sampler_preset(name: str):
     """A sampler preset by name (argparse type)."""
     from sra.sampling.config import PRESETS
@@ -138,7 +139,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from sra.training.config import PRESETS
 
     p = sub.add_parser(
-        "train", help="train SiT/DiT with SRA (or vanilla) on accelerate",
+        "train", help="train SiT/DiT with SRA, token groups, REPA or vanilla on accelerate",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--preset", default="digits", choices=sorted(PRESETS),
