@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from convergence_diagnostics import add_diagnostics
+from convergence_cost import cost_path
 from convergence_family import summarize_family
 from convergence_family_report import family_lines, kept_family_notes, plot_name
 from convergence_plot import write_family_plot, write_plot
@@ -53,6 +54,14 @@ def _jsonable(summaries: list[dict], results: dict[str, dict], study: StudyConfi
     }
 
 
+def _bench(study: StudyConfig, regime_name: str) -> dict | None:
+    """The regime's side-by-side step costs (``convergence_cost.py``), if measured."""
+    try:
+        return json.loads(cost_path(study.docs_dir, regime_name).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _family_jsonable(f: dict) -> dict:
     """A family summary without the runs (they are under "runs")."""
     reg = f["regime"]
@@ -68,7 +77,8 @@ def write_outputs(study: StudyConfig) -> dict[str, Path]:
     # The report covers every regime with finished runs, not only the ones run this time.
     summaries = [summarize_regime(reg, results) for reg in REGIMES.values() if not reg.is_family]
     summaries = [s for s in summaries if s["arms"]["sra"]["runs"]]
-    families = [summarize_family(reg, results) for reg in REGIMES.values() if reg.is_family]
+    families = [summarize_family(reg, results, _bench(study, reg.name))
+                for reg in REGIMES.values() if reg.is_family]
     families = [f for f in families if f["arms"][f["regime"].vanilla]["runs"]]
     docs = Path(study.docs_dir)
     docs.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,8 @@ def write_plot(summaries: list[dict], path: Path) -> Path | None:
 
 
 FAMILY_COLORS = {"vanilla": "tab:gray", "sra": "tab:red", "dts-as": "tab:blue",
-                 "dts-sf": "tab:cyan", "dts-noalign": "tab:purple", "repa": "tab:green"}
+                 "dts-sf": "tab:cyan", "dts-as-full": "tab:olive", "dts-noalign": "tab:purple",
+                 "repa": "tab:green"}
 
 
 def write_family_plot(summ: dict, path: Path) -> Path | None:

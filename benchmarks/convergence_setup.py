@@ -59,6 +59,10 @@ def _family_arms(prefix: str, base: tuple[tuple[str, Any], ...] = ()) -> dict[st
         # The second candidate: the Self-Flow teacher (whole image at the cleanest group's time),
         # no teacher mask (the reference code's argparse default teacher input).
         "dts-sf": groups + (("groups.teacher_t", "self_flow"), ("groups.teacher_mask", False)),
+        # The reference recipe with half the samples kept whole (one group, full attention): the
+        # model also trains on the configuration it samples in.
+        "dts-as-full": groups + (("groups.teacher_t", "sra"), ("groups.teacher_mask", True),
+                                 ("groups.full_sample_prob", 0.5)),
         "dts-noalign": groups + (("align.enabled", False),),
         # REPA toward a separately trained digit classifier's 4×4 conv map (preset digits-repa).
         "repa": (("align_target", "encoder"), ("encoder_align.encoder", "digits-classifier"),
@@ -67,7 +71,7 @@ def _family_arms(prefix: str, base: tuple[tuple[str, Any], ...] = ()) -> dict[st
     }.items()}
 
 
-FAMILY_ARMS = ("vanilla", "sra", "dts-as", "dts-sf", "dts-noalign", "repa")
+FAMILY_ARMS = ("vanilla", "sra", "dts-as", "dts-sf", "dts-as-full", "dts-noalign", "repa")
 ARMS.update(_family_arms("fam-"))
 ARMS.update(_family_arms("fam-p2-", (("model.patch_size", 2),)))
 
@@ -122,8 +126,8 @@ REGIMES: dict[str, Regime] = {r.name: r for r in (
     Regime("ema97", "vanilla-ema97", "sra-ema97",
            "as headline, EMA decay capped at 0.97 (teacher ≈33 steps behind instead of ≈step/9)"),
     family_regime("family", "fam-", "The digits preset (16 tokens): vanilla, SRA, DTS + AS "
-                  "(teacher sra + mask; teacher self_flow, no mask), DTS + AS without alignment, "
-                  "REPA toward the digits-classifier encoder"),
+                  "(teacher sra + mask; teacher self_flow, no mask; half the samples whole), DTS + "
+                  "AS without alignment, REPA toward the digits-classifier encoder"),
     family_regime("family-p2", "fam-p2-", "As family, patch 2 (64 tokens)"),
 )}
 

@@ -116,10 +116,11 @@ def test_family_regime_runs_every_arm_and_reports(tmp_path, fake_classifier, mon
                      "--set", "model.depth=4", "--set", "model.hidden_size=32",
                      "--set", "model.num_heads=2"])
     raw = json.loads((docs / "convergence_results.json").read_text())
-    arms = ["vanilla", "sra", "dts-as", "dts-sf", "dts-noalign", "repa"]
+    arms = ["vanilla", "sra", "dts-as", "dts-sf", "dts-as-full", "dts-noalign", "repa"]
     assert sorted(raw["runs"]) == sorted(f"fam-{a}-s{s}" for a in arms for s in (0, 1))
     cfg = {a: raw["runs"][f"fam-{a}-s0"]["config"] for a in arms}
     assert cfg["dts-as"]["groups"]["teacher_t"] == "sra" and cfg["dts-sf"]["groups"]["teacher_t"] == "self_flow"
+    assert cfg["dts-as-full"]["groups"]["full_sample_prob"] == 0.5
     assert not cfg["dts-noalign"]["align"]["enabled"] and cfg["dts-noalign"]["groups"]["mask_ratios"] == [0.25]
     assert cfg["repa"]["align_target"] == "encoder" and cfg["repa"]["encoder_align"]["encoder"] == "digits-classifier"
     for run in raw["runs"].values():
@@ -127,7 +128,7 @@ def test_family_regime_runs_every_arm_and_reports(tmp_path, fake_classifier, mon
         assert [e["step"] for e in run["eval"]] == [2, 4]
     fam = raw["families"]["family"]
     assert set(fam["equal_steps"]) == {f"fam-{a}" for a in arms}
-    assert fam["dts_best"] in ("fam-dts-as", "fam-dts-sf") and fam["control"]["arm"] == "fam-repa"
+    assert fam["dts_best"] in ("fam-dts-as", "fam-dts-sf", "fam-dts-as-full") and fam["control"]["arm"] == "fam-repa"
     d = fam["equal_steps"]["fam-sra"]["4"]
     fd = {s: raw["runs"][f"fam-{a}-s{s}"]["eval"][-1]["fd"] for a in ("sra",) for s in (0, 1)}
     fv = {s: raw["runs"][f"fam-vanilla-s{s}"]["eval"][-1]["fd"] for s in (0, 1)}
