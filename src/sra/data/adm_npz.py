@@ -16,6 +16,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from sra.atomic import atomic_path
 from sra.errors import SraError
 
 IMAGES_KEY = "arr_0"
@@ -31,11 +32,11 @@ def write_adm_npz(path: str | os.PathLike, chunks: Iterable[np.ndarray], num: in
     ``arr_0`` (num, H, W, 3) (+ ``labels``) without holding all images in memory; the file is
     renamed into place only when complete. ``np.load(path)["arr_0"]`` reads it back."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
               "shape": (num, *image_shape)}
     written = 0
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED,
+                                                   allowZip64=True) as zf:
         with zf.open(f"{IMAGES_KEY}.npy", "w", force_zip64=True) as f:
             np.lib.format.write_array_header_1_0(f, header)
             for chunk in chunks:
@@ -49,7 +50,6 @@ def write_adm_npz(path: str | os.PathLike, chunks: Iterable[np.ndarray], num: in
         if labels is not None:
             with zf.open(f"{LABELS_KEY}.npy", "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, np.asarray(labels, dtype=np.int64))
-    os.replace(tmp, path)
     return path
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sra.atomic import atomic_path
 from sra.data.digits import DIGITS_CLASSES, DIGITS_SIZE, load_digits_arrays
 from sra.errors import SraError, first_line
 from sra.eval.metrics import feature_statistics, frechet_distance
@@ -186,16 +186,9 @@ def save_digits_classifier(
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"config": json.dumps(asdict(cfg)), "test_acc": repr(model.test_acc)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

@@ -13,8 +13,6 @@ another sample batch against the same reference costs one pass over the new samp
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 import zipfile
 from dataclasses import asdict, dataclass
@@ -22,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sra.atomic import atomic_write_json
+from sra.atomic import atomic_path, atomic_write_json
 from sra.data.adm_npz import (
     IMAGES_KEY, LABELS_KEY, STAT_PAIRS, NpzImages, check_images_npz, check_npz_file, check_reference_npz,
     npz_array_info, npz_keys, to_rgb_uint8,
@@ -111,14 +109,8 @@ def save_cached(npz: Path, wid: str, acts: dict[str, np.ndarray]) -> Path | None
     """Write the cache atomically; an unwritable directory only costs a warning."""
     path = cache_path(npz, wid)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-        os.close(fd)
-        try:
+        with atomic_path(path, suffix=".tmp.npz") as tmp:  # np.savez insists on ".npz"
             np.savez(tmp, meta=np.array(json.dumps(_source_meta(npz, wid))), **acts)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
     except OSError as exc:
         warnings.warn(f"could not cache Inception activations at {path}: {exc}", RuntimeWarning)
         return None

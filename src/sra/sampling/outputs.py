@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
+from sra.atomic import atomic_path, atomic_write_text
 from sra.data.adm_npz import write_adm_npz
 from sra.errors import SraError
 
@@ -48,9 +49,8 @@ def shard_path(out: Path, k: int) -> Path:
 def write_png(path: Path, image: np.ndarray) -> None:
     from PIL import Image
 
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(image).save(tmp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
 
 
 def read_png(path: Path) -> np.ndarray:
@@ -62,10 +62,8 @@ def read_png(path: Path) -> np.ndarray:
 
 
 def write_shard(path: Path, images: np.ndarray, labels: np.ndarray, start: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, images=images, labels=labels, start=np.int64(start))
-    os.replace(tmp, path)
 
 
 def save_batch(out: Path, k: int, start: int, images: np.ndarray, labels: np.ndarray,
@@ -148,10 +146,7 @@ def read_config(out: Path) -> dict | None:
 
 
 def write_config(out: Path, doc: dict) -> None:
-    tmp = out / (CONFIG_NAME + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=2)
-    os.replace(tmp, out / CONFIG_NAME)
+    atomic_write_text(out / CONFIG_NAME, json.dumps(doc, indent=2))
 
 
 def check_output_dir(out: Path, identity: dict) -> dict | None:
