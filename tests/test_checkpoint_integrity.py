@@ -107,7 +107,8 @@ def test_manifest_covers_every_file_and_healthy_checkpoints_load(pristine, tmp_p
     assert state.step == 4 and state.scaler is None and state.rng is not None
     assert set(state.model) >= set(state.ema) and "state" in state.optimizer
     assert ckpt.load_training_state(step(pristine, 4), 1).rng is None  # no rng-1.pt
-    assert ckpt.find_resumable(pristine) == (step(pristine, 4), [])
+    found, skipped = ckpt.find_resumable_state(pristine)
+    assert found.path == step(pristine, 4) and skipped == []
     assert main(sample_argv(pristine, tmp_path)) == 0
 
 
@@ -234,17 +235,16 @@ def test_shape_mismatch_is_one_line(run, tmp_path, capsys):
 def test_find_resumable_falls_back_past_damaged_checkpoints(run):
     newest, older = step(run, 4), step(run, 2)
     truncate(newest / "ema.safetensors")
-    found, skipped = ckpt.find_resumable(run)
-    assert found == older and len(skipped) == 1
+    state, skipped = ckpt.find_resumable_state(run)
+    assert state.path == older and len(skipped) == 1
     assert skipped[0][0] == newest and skipped[0][1].startswith("ema.safetensors: truncated: ")
-    state, _ = ckpt.find_resumable_state(run)
-    assert state.path == older and state.step == 2 and state.rng is not None
+    assert state.step == 2 and state.rng is not None
     # damaged checkpoints are left alone: listing and pruning behave as before
     assert ckpts.latest_checkpoint(run) == newest
     assert ckpts.list_checkpoints(run) == [older, newest]
     (older / "meta.json").write_text("{")
-    found, skipped = ckpt.find_resumable(run)
+    found, skipped = ckpt.find_resumable_state(run)
     assert found is None and [p for p, _ in skipped] == [newest, older]
     assert skipped[1][1].startswith("meta.json: corrupt (not valid JSON")
-    assert ckpt.find_resumable(run / "empty") == (None, [])
+    assert ckpt.find_resumable_state(run / "empty") == (None, [])
     assert ckpts.checkpoint_step(newest) == 4 and ckpts.checkpoint_path(run, 2) == older

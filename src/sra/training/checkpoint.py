@@ -173,15 +173,6 @@ def find_resumable_state(
     return None, skipped
 
 
-def find_resumable(
-    run_dir: str | Path, process_index: int = 0,
-) -> tuple[Path | None, list[tuple[Path, str]]]:
-    """Like :func:`find_resumable_state` but returns the checkpoint's path (it loads each
-    candidate fully to decide; prefer :func:`find_resumable_state` to not load twice)."""
-    state, skipped = find_resumable_state(run_dir, process_index)
-    return (state.path if state is not None else None), skipped
-
-
 def save_checkpoint(acc, run_dir: Path, step: int, model: nn.Module, ema: nn.Module,
                     optimizer: torch.optim.Optimizer, meta: dict, keep_last: int,
                     milestone_every: int) -> Path | None:
