@@ -2,11 +2,14 @@
 separation against plain SRA, same model, batch and step code, side by side in one process.
 
     .venv/bin/python benchmarks/bench_groups.py --threads 1            # CPU: digits, SiT-B/4
+    .venv/bin/python benchmarks/bench_groups.py --threads 1 --case sit-b2 --batch 4 \
+        --paths sra dts-as                                   # CPU: sit-b2-dts-as shapes
     .venv/bin/python benchmarks/bench_groups.py --case sit-xl2 --device cuda
 
 Paths (each its own copy of the model, EMA and fused AdamW, as ``sra train`` steps them):
 
 - ``sra``: plain SRA (one time per image);
+- ``dts``: the same groups and times without attention separation;
 - ``dts-as``: the follow-up's recipe — mask ratio 0.25, a time per group, attention separation,
   SRA teacher times with the teacher mask. The model computes one adaLN modulation per group and
   gathers it per token;
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -31,13 +35,25 @@ import torch  # noqa: E402
 from bench_train import LABEL_DROPOUT, build_path  # noqa: E402
 from common import add_common_args, add_run_args, start_results, time_interleaved, unzero_init  # noqa: E402
 from report import publish  # noqa: E402
-from train_cases import make_batch, make_case  # noqa: E402
-from sra.models import build_model  # noqa: E402
-from sra.objectives import FlowConfig  # noqa: E402
+from train_cases import TrainCase, make_batch, make_case  # noqa: E402
+from sra.models import build_model, model_config  # noqa: E402
+from sra.objectives import AlignConfig, FlowConfig  # noqa: E402
 from sra.objectives.denoising import FlowMatching  # noqa: E402
 from sra.objectives.groups import DualTimeObjective, GroupConfig  # noqa: E402
 
-PATHS = ("sra", "dts-as", "per-token")
+PATHS = ("sra", "dts", "dts-as", "per-token")
+
+
+def case_for(name: str, batch: int | None) -> TrainCase:
+    """A registered training case, plus ``sit-b2``: the ``sit-b2-dts-as`` preset's shapes
+    (SiT-B/2 on 32×32×4 latents = 256 tokens, blocks 3 → 8); ``batch`` overrides the batch."""
+    if name == "sit-b2":
+        model = model_config("SiT-B/2", input_size=32, in_channels=4, num_classes=1000)
+        case = TrainCase(name, "SiT-B/2, 32×32×4 latents (256 tokens)", model,
+                         AlignConfig(student_block=3, teacher_block=8, t_max=0.2, weight=0.5), 4)
+    else:
+        case = make_case(name)
+    return case if batch is None else replace(case, batch=batch)
 
 
 def objective_for(kind: str, case):
@@ -45,9 +61,10 @@ def objective_for(kind: str, case):
     m = case.model
     if kind == "sra":
         return None
-    if kind == "dts-as":
-        groups = GroupConfig(mask_ratios=(0.25,), dual_time=True, attention_separation=True,
-                             teacher_t="sra", teacher_mask=True)
+    if kind in ("dts", "dts-as"):
+        sep = kind == "dts-as"
+        groups = GroupConfig(mask_ratios=(0.25,), dual_time=True, attention_separation=sep,
+                             teacher_t="sra", teacher_mask=sep)
     else:  # one group per token: T modulations per image
         groups = GroupConfig(mask_ratios=(1.0,) * m.num_tokens, dual_time=True,
                              attention_separation=False, teacher_t="sra", teacher_mask=False)
@@ -55,17 +72,18 @@ def objective_for(kind: str, case):
                              m.num_classes, grid=m.grid_size, patch=m.patch_size)
 
 
-def run_case(name: str, device: torch.device, warmup: int, repeats: int, seed: int) -> dict:
-    case = make_case(name)
+def run_case(name: str, device: torch.device, warmup: int, repeats: int, seed: int,
+             batch: int | None = None, paths: tuple[str, ...] = ("sra", "dts-as", "per-token")) -> dict:
+    case = case_for(name, batch)
     torch.manual_seed(seed)
     base = unzero_init(build_model(case.model), seed)
     x0, y = make_batch(case, seed, device)
     steps = {kind: build_path("ours", base, case, device, None, seed, x0, y,
-                              objective=objective_for(kind, case)) for kind in PATHS}
+                              objective=objective_for(kind, case)) for kind in paths}
     clock = time.process_time if device.type == "cpu" else time.perf_counter
     timings = time_interleaved(steps, device, warmup, repeats, clock=clock)
     med = {k: t.summary()["median_s"] for k, t in timings.items()}
-    return {"case": case.title, "clock": "process CPU time" if device.type == "cpu" else "wall",
+    return {"case": f"{case.title}, batch {case.batch}", "clock": "process CPU time" if device.type == "cpu" else "wall",
             "paths": {k: {"median_ms": 1000 * m, "ratio_to_sra": m / med["sra"]}
                       for k, m in med.items()}}
 
@@ -84,13 +102,18 @@ def to_markdown(results: dict) -> str:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--case", nargs="+", default=["digits", "sit-b4"],
-                   help="digits | sit-b4 | sit-xl2 | tiny (see train_cases.py)")
+                   help="digits | sit-b4 | sit-b2 | sit-xl2 | tiny (see train_cases.py)")
+    p.add_argument("--batch", type=int, default=None, help="override the cases' batch size")
+    p.add_argument("--paths", nargs="+", default=["sra", "dts-as", "per-token"], choices=PATHS,
+                   help="which steps to time (sra is always included: the ratios are to it)")
     add_run_args(p, unit="steps", warmup=2, repeats=8, seed_help="seed of the model and batch")
     add_common_args(p, section="groups")
     args = p.parse_args(argv)
     device, results = start_results(args, "benchmarks/bench_groups.py", argv)
+    paths = ("sra",) + tuple(k for k in args.paths if k != "sra")
     for name in args.case:
-        results["cases"].append(run_case(name, device, args.warmup, args.repeats, args.seed))
+        results["cases"].append(run_case(name, device, args.warmup, args.repeats, args.seed,
+                                         args.batch, paths))
     publish(results, to_markdown(results), args)
     return results
 
