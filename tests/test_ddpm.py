@@ -293,7 +293,8 @@ def _oracle(base: GaussianDiffusion, spaced: GaussianDiffusion, seen: list | Non
     """Exact ε (and exact reverse variance) for data x0 ~ N(M, S²) per dimension."""
     index_of = {int(s): i for i, s in enumerate(spaced.timestep_map)}
 
-    def model_fn(x, t, y):
+    def model_fn(x, t, y, t_host):
+        assert int(t[0]) == t_host  # the sampler hands the same original step to the host
         if seen is not None:
             seen.append(int(t[0]))
         ab = torch.from_numpy(base.alphas_cumprod)[t].view(-1, 1, 1, 1)
@@ -344,7 +345,8 @@ def test_ddpm_sampling_reproducible_and_last_step_is_mean(diff):
     # a single-step schedule: output is exactly the mean (no noise at t = 0)
     one = diff.respaced([0])
     out = ddpm_sample(_oracle(diff, one), one, noise, None, generator=torch.Generator().manual_seed(1))
-    pm = one.p_mean_variance(_oracle(diff, one)(noise, torch.zeros(8, dtype=torch.long), None), noise, torch.zeros(8, dtype=torch.long))
+    pm = one.p_mean_variance(_oracle(diff, one)(noise, torch.zeros(8, dtype=torch.long), None, 0), noise,
+                             torch.zeros(8, dtype=torch.long))
     assert torch.equal(out, pm.mean)
     d1 = ddim_sample(fn, spaced, noise, None, eta=1.0, generator=torch.Generator().manual_seed(5))
     d2 = ddim_sample(fn, spaced, noise, None, eta=1.0, generator=torch.Generator().manual_seed(5))

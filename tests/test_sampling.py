@@ -1,7 +1,9 @@
-"""SiT solvers with the exact velocity of Gaussian data; guidance interval; presets."""
+"""SiT solvers with the exact velocity of Gaussian data; guidance interval; presets; no host–device
+sync in any sampler step."""
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sra.diffusion.paths import get_path
 from sra.errors import SraError
@@ -17,7 +19,8 @@ def exact_velocity(path_name: str):
     """E[v | x_t] for Gaussian data: α'·E[x|x_t] + σ'·E[ε|x_t]."""
     path = get_path(path_name)
 
-    def v(x, t, y):
+    def v(x, t, y, t_host):
+        assert float(t[0]) == t_host  # the solver hands the same time to the host
         t = t.to(x.dtype)
         a, s, da, ds = (f(t)[:, None] for f in (path.alpha, path.sigma, path.d_alpha, path.d_sigma))
         var = a**2 * S**2 + s**2
@@ -63,7 +66,7 @@ def test_cfg_interval_calls_model_once_outside():
     outside = [n for n, t in calls if t > 0.7]
     assert len(calls) == 10 and set(outside) == {3} and set(inside) == {6} and len(outside) == 3
     # combination u + w(c − u) with c = 1, u = 0 → w
-    out = fn(torch.zeros(3, 2), torch.full((3,), 0.5), torch.zeros(3, dtype=torch.long))
+    out = fn(torch.zeros(3, 2), torch.full((3,), 0.5), torch.zeros(3, dtype=torch.long), 0.5)
     assert torch.allclose(out, torch.full((3, 2), 4.0))
 
 
@@ -154,7 +157,7 @@ def test_solvers_take_any_grid():
     x = ode_sample(fn, noise, y, torch.tensor(times, dtype=torch.float64), callback=seen.append)
     assert [s["t"] for s in seen] == times[:-1] and torch.isfinite(x).all()
     # one Euler step by hand
-    v = fn(noise, torch.ones(2), y)
+    v = fn(noise, torch.ones(2), y, 1.0)
     assert torch.allclose(ode_sample(fn, noise, y, [1.0, 0.0]), noise - v)
     with pytest.raises(SraError, match="at least 2 times"):
         ode_sample(fn, noise, y, [1.0])
@@ -163,3 +166,72 @@ def test_solvers_take_any_grid():
     seen = []
     ddim_sample(fn, ddpm_schedule("ddim4"), noise, y, callback=seen.append)
     assert [s["t"] for s in seen] == [750, 500, 250, 0]
+
+
+# -- host–device syncs ---------------------------------------------------------------------------------
+class _SyncCounter(TorchDispatchMode):
+    """Counts host reads of tensor values once ``armed``: ``_local_scalar_dense`` (behind .item(),
+    bool(), int(), float()) and ``aten.equal`` seen by this dispatch mode, plus .tolist()/.numpy()
+    (which do not dispatch on the CPU but copy device → host on a GPU)."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.armed, self.events = False, []
+        for name in ("tolist", "numpy"):
+            real = getattr(torch.Tensor, name)
+
+            def wrapper(t, *a, _real=real, _name=name, **k):
+                self.record(_name)
+                return _real(t, *a, **k)
+
+            monkeypatch.setattr(torch.Tensor, name, wrapper)
+
+    def record(self, what: str) -> None:
+        if self.armed:
+            self.events.append(what)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default):
+            self.record(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _arm_at_solver_entry(monkeypatch, counter) -> None:
+    """Arm the counter when the solver starts: what follows is the step loop (generate's one-time
+    set-up before it — grid, the host label check — is not counted)."""
+    import sra.sampling.solvers as S
+
+    def armed(solve):
+        def run(*a, **k):
+            counter.armed = True
+            return solve(*a, **k)
+        return run
+
+    monkeypatch.setattr(S, "SOLVERS", {name: armed(solve) for name, solve in S.SOLVERS.items()})
+
+
+def test_sync_counter_sees_host_reads(monkeypatch):
+    """The counter below is not blind: each kind of host read it looks for is counted."""
+    counter = _SyncCounter(monkeypatch)
+    counter.armed = True
+    with counter:
+        t = torch.ones(3)
+        float(t[0]), bool(t.min() < 0), torch.equal(t, t), t.tolist(), t.numpy()
+    assert len(counter.events) == 5, counter.events
+
+
+@pytest.mark.parametrize("mode", ["euler", "heun", "sde", "ddpm", "ddim"])
+def test_no_host_sync_in_any_sampler_step(monkeypatch, mode):
+    """Every step of every sampler loop, with CFG on an interval (both branches taken), reads no
+    tensor value on the host: zero syncs per step."""
+    model = _tiny("DiT" if mode in ("ddpm", "ddim") else "SiT")
+    cfg = SamplerConfig(mode=mode, steps=4, cfg_scale=1.5, guidance_high=0.7,
+                        ddim_eta=0.5 if mode == "ddim" else 0.0)
+    counter = _SyncCounter(monkeypatch)
+    _arm_at_solver_entry(monkeypatch, counter)
+    steps = []
+    with counter:
+        generate(model, torch.randn(2, 3, 8, 8), torch.tensor([0, 3]), cfg,
+                 generator=torch.Generator().manual_seed(0), callback=lambda info: steps.append(info["t"]))
+    assert counter.armed and len(steps) == 4
+    assert counter.events == [], counter.events

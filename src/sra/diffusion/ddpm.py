@@ -130,10 +130,6 @@ class GaussianDiffusion:
             table = self._cache[key] = arr.to(device)
         return table
 
-    def map_timesteps(self, t: torch.Tensor) -> torch.Tensor:
-        """Original step (what the model is fed) of each index into this schedule."""
-        return self._table("timestep_map", t.device)[t]
-
     def split_output(self, model_output: torch.Tensor, x_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(ε, v) halves of a model output; v is None when the variance is fixed."""
         C = x_t.shape[1]

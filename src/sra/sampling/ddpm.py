@@ -1,9 +1,10 @@
 """DDPM ancestral and DDIM samplers for DiT-style models (ε ‖ v outputs), on a given schedule.
 
-``model_fn(x, t, y) -> (N, 2C, H, W)`` receives ORIGINAL integer steps (0..999): the samplers
-walk every step of the (possibly respaced) schedule ``diffusion`` — their time grid, built by
-:func:`sra.sampling.schedules.ddpm_schedule` — from the last to 0 and map each index through
-``diffusion.timestep_map`` before calling the model. ``callback(info)`` is called after every
+``model_fn(x, t, y, t_host) -> (N, 2C, H, W)`` receives ORIGINAL integer steps (0..999), as the
+(N,) tensor ``t`` and as the host number ``t_host``: the samplers walk every step of the (possibly
+respaced) schedule ``diffusion`` — their time grid, built by
+:func:`sra.sampling.schedules.ddpm_schedule` — from the last to 0 and look each index up in
+``diffusion.timestep_map`` (a host array) before calling the model; no step reads the device. ``callback(info)`` is called after every
 step (see :mod:`sra.sampling.callbacks`). Guidance is applied by wrapping the model
 into a ``model_fn`` (see ``sampling/guidance.py``, whose :func:`cfg_combine` is the ε-only
 combination rule such a wrapper uses).
@@ -40,8 +41,11 @@ def _check_inputs(diffusion: GaussianDiffusion, noise: torch.Tensor, y: torch.Te
 def _model_step(model_fn: ModelFn, diffusion: GaussianDiffusion, x: torch.Tensor, i: int,
                 y: torch.Tensor | None, clip_denoised: bool) -> tuple[torch.Tensor, PMeanVar]:
     """The model's reverse-step prediction at schedule index ``i``: ``(t, p_mean_variance)``."""
-    t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)  # (N,)
-    out = model_fn(x, diffusion.map_timesteps(t), y)
+    step = int(diffusion.timestep_map[i])  # the original step, from the host table
+    t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)  # (N,) schedule index
+    t_model = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)  # (N,) original step
+    out = model_fn(x, t_model, y, step)
+    # check_t=False: t was built here in range, and the check would read t on the host (a sync).
     return t, diffusion.p_mean_variance(out, x, t, clip_denoised=clip_denoised, check_t=False)
 
 

@@ -18,7 +18,7 @@ import torch.nn as nn
 from sra.errors import SraError
 from sra.sampling.config import SamplerConfig
 from sra.sampling.seeding import batch_ranges, sample_noise, solver_generator
-from sra.sampling.solvers import generate
+from sra.sampling.solvers import check_labels, generate
 
 if TYPE_CHECKING:
     from sra.models import TransformerOutput
@@ -46,7 +46,9 @@ def sample_batch(model: nn.Module, *, seed: int, batch: int, indices: range, lab
                  sampler: SamplerConfig, device: torch.device | str,
                  autocast: AutocastFactory | None = None) -> torch.Tensor:
     """Batch ``batch`` of the scheme: samples ``indices`` (that batch's index range) with their
-    ``labels`` (n,). Returns the model's samples (n, C, H, W) on ``device``."""
+    host ``labels`` (n,), in range (from :func:`~sra.sampling.seeding.make_labels`, or checked
+    once per job with :func:`~sra.sampling.solvers.check_labels`). Returns the model's samples
+    (n, C, H, W) on ``device``."""
     m = model.config
     noise = sample_noise(seed, indices, (m.in_channels, m.input_size, m.input_size))  # (n, C, H, W)
     net = Autocast(model, autocast) if autocast is not None else model
@@ -73,6 +75,7 @@ def sample_fixed(model: nn.Module, n: int, *, seed: int, sampler: SamplerConfig,
         labels = torch.arange(n) % m.num_classes
     if labels.shape != (n,):
         raise SraError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
+    check_labels(labels.cpu(), m.num_classes)  # once per job, on the host (no step reads them)
     if device is None:
         device = next(model.parameters(), torch.empty(0)).device
     out = []

@@ -2,7 +2,8 @@
 
     solve(model_fn, noise, y, times, *, generator=None, callback=None, **options) -> x0
 
-``model_fn(x, t, y)`` returns the velocity; t is a (N,) tensor. ``times`` runs from t = 1 (noise)
+``model_fn(x, t, y, t_host)`` returns the velocity; t is a (N,) tensor and ``t_host`` the same time
+as a Python float (see :data:`sra.sampling.guidance.ModelFn`; no step reads a tensor on the host). ``times`` runs from t = 1 (noise)
 toward t = 0 (data); :mod:`sra.sampling.schedules` builds the grids. The state is kept in
 ``state_dtype``; the network sees the ``noise`` dtype. ``callback(info)`` is called after every
 step (see :mod:`sra.sampling.callbacks`).
@@ -23,16 +24,18 @@ Times = Sequence[float] | torch.Tensor
 
 
 def _as_times(times: Times) -> list[float]:
-    """Python floats (the step arithmetic uses them as scalars); at least one step."""
+    """Python floats (the step arithmetic uses them as scalars); at least one step. Grids are host
+    data (:mod:`sra.sampling.schedules`); a tensor grid is read once here, before any step."""
     out = times.tolist() if isinstance(times, torch.Tensor) else [float(t) for t in times]
     if len(out) < 2:
         raise SraError(f"a time grid needs at least 2 times (1 step), got {len(out)}")
     return out
 
 
-def _velocity(model_fn: ModelFn, x: torch.Tensor, t: float, y: torch.Tensor, net_dtype) -> torch.Tensor:
-    tt = torch.full((x.shape[0],), t, device=x.device, dtype=net_dtype)  # (N,)
-    return model_fn(x.to(net_dtype), tt, y).to(x.dtype)
+def _velocity(model_fn: ModelFn, x: torch.Tensor, t: float, y: torch.Tensor,
+              net_dtype: torch.dtype) -> torch.Tensor:
+    tt = torch.full((x.shape[0],), t, device=x.device, dtype=net_dtype)  # (N,), filled on the device
+    return model_fn(x.to(net_dtype), tt, y, t).to(x.dtype)
 
 
 def ode_sample(

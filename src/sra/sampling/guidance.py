@@ -1,8 +1,10 @@
 """Classifier-free guidance with a guidance interval, kept apart from the solvers.
 
-:func:`guided` turns a network into the ``model_fn(x, t, y)`` every solver calls. Inside the
-interval the batch is doubled (conditional ‖ null label) and combined as u + w·(c − u); outside
-it, or with w = 1, the conditional model is evaluated once.
+:func:`guided` turns a network into the ``model_fn(x, t, y, t_host)`` every solver calls. Inside
+the interval the batch is doubled (conditional ‖ null label) and combined as u + w·(c − u);
+outside it, or with w = 1, the conditional model is evaluated once. The interval is decided from
+``t_host``, the step's time as a Python number that the solver already holds: reading it back
+from the (N,) tensor ``t`` would be a host–device sync on every model call.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from sra.sampling.config import SamplerConfig
 if TYPE_CHECKING:
     from sra.models import TransformerOutput
 
-ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# model_fn(x (N, C, H, W), t (N,), y (N,), t_host) -> (N, C_out, H, W). Every sample of a batch
+# shares its time: ``t`` is what the network sees, ``t_host`` the same time as a host float
+# (flow: t ∈ [0, 1]; DDPM: the original integer step), so no wrapper ever reads ``t``'s values.
+ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
 def cfg_combine(
@@ -50,13 +55,12 @@ def guided(
     model: Callable[..., "TransformerOutput"], cfg: SamplerConfig, null_label: int,
     learn_sigma: bool = False, time_scale: float = 1.0,
 ) -> ModelFn:
-    """Wrap ``model(x, t, y).output`` with CFG per ``cfg``; ``time_scale`` maps t to [0, 1] for the
-    interval test (1000 for DiT's integer steps)."""
+    """Wrap ``model(x, t, y).output`` with CFG per ``cfg``; ``time_scale`` maps ``t_host`` to
+    [0, 1] for the interval test (1000 for DiT's integer steps)."""
     scale = cfg.cfg_scale
 
-    def model_fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        # All samples of a batch share their time, so one scalar decides the interval.
-        t_now = float(t.reshape(-1)[0]) / time_scale
+    def model_fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, t_host: float) -> torch.Tensor:
+        t_now = t_host / time_scale  # host arithmetic only: no read of t
         if scale == 1.0 or not (cfg.guidance_low <= t_now <= cfg.guidance_high):
             return model(x, t, y).output
         out = model(torch.cat([x, x]), torch.cat([t, t]),

@@ -58,6 +58,17 @@ def num_steps(grid: list[float] | GaussianDiffusion) -> int:
     return grid.num_timesteps if isinstance(grid, GaussianDiffusion) else len(grid) - 1
 
 
+def check_labels(y: torch.Tensor, num_classes: int) -> None:
+    """One-line error unless every label is in 0..num_classes (num_classes = the null label).
+
+    Reads the values: call it on host labels where they are made or loaded, once per job
+    (:func:`sra.sampling.fixed.sample_fixed` does; :func:`sra.sampling.seeding.make_labels` makes
+    them in range), never inside a sampling step.
+    """
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) > num_classes):
+        raise SraError(f"labels must be in 0..{num_classes} ({num_classes} = null label)")
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module, noise: torch.Tensor, y: torch.Tensor, cfg: SamplerConfig, *,
@@ -66,14 +77,21 @@ def generate(
 ) -> torch.Tensor:
     """Samples (N, C, H, W) from a :class:`~sra.models.DiffusionTransformer` (or anything with
     its ``config``), guidance per ``cfg``; the solver must match the model family.
-    ``callback(info)`` runs after every solver step (see :mod:`sra.sampling.callbacks`)."""
+    ``callback(info)`` runs after every solver step (see :mod:`sra.sampling.callbacks`).
+
+    No value of a device tensor is read: labels ``y`` (N,) on an accelerator are not range-checked
+    here (that would be a host–device sync per batch) — check them on the host with
+    :func:`check_labels` where they are made; CPU labels are checked here.
+    """
     mcfg = model.config
     allowed = FLOW_MODES if mcfg.family == "SiT" else DDPM_MODES
     if cfg.mode not in allowed:
         raise SraError(f"sampling mode {cfg.mode!r} does not fit a {mcfg.family} model; "
                        f"allowed: {', '.join(allowed)}")
-    if y.min() < 0 or y.max() > mcfg.num_classes:
-        raise SraError(f"labels must be in 0..{mcfg.num_classes} ({mcfg.num_classes} = null label)")
+    if y.shape != noise.shape[:1]:
+        raise SraError(f"labels must have shape ({noise.shape[0]},) like the noise batch, got {tuple(y.shape)}")
+    if y.device.type == "cpu":  # host labels are read for free; device labels are checked where made
+        check_labels(y, mcfg.num_classes)
     time_scale = 1.0 if mcfg.family == "SiT" else 1000.0
     model_fn = guided(model, cfg, null_label=mcfg.num_classes, learn_sigma=mcfg.learn_sigma,
                       time_scale=time_scale)
