@@ -26,6 +26,7 @@ from sra.data.release import ReleaseLatentDataset, pack_release
 from sra.data.sources import open_image_source
 from sra.data.vae import encode_moments, load_vae, save_tiny_vae
 from sra.errors import SraError
+from tiny_data import zip_dir
 
 RES = 32  # image side used throughout: latents are 4×4
 
@@ -63,15 +64,6 @@ def _expected_moments(vae, arr: np.ndarray, flip: bool = False) -> np.ndarray:
     if flip:
         px = px.flip(-1)
     return encode_moments(vae, px)[0].numpy()
-
-
-def _zip_dir(src, dest) -> str:
-    with zipfile.ZipFile(dest, "w", compression=zipfile.ZIP_STORED) as zf:
-        for root, _dirs, files in os.walk(src):
-            for f in sorted(files):
-                full = os.path.join(root, f)
-                zf.write(full, os.path.relpath(full, src).replace(os.sep, "/"))
-    return str(dest)
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +181,7 @@ def test_class_folders_one_level_below_a_single_root_warn(tmp_path, caplog):
     for cls in ("n2", "n1"):
         _save(str(tmp_path / "data" / "train" / cls / "a.png"), _rand_image(rng, 9, 9))
     assert open_image_source(str(tmp_path / "data" / "train")).labels.tolist() == [0, 1]
-    zpath = _zip_dir(tmp_path / "data", tmp_path / "train.zip")  # names start with train/
+    zpath = zip_dir(tmp_path / "data", tmp_path / "train.zip")  # names start with train/
     with caplog.at_level(logging.WARNING, logger="sra.data"):
         src = open_image_source(zpath)
     assert src.labels is None and src.num_classes == 1 and "one folder 'train'" in caplog.text
@@ -261,7 +253,7 @@ def test_encode_release_and_packed_round_trip(tmp_path, data_tiny_vae, data_vae)
     batch = packed.read_many([19, 0, 7, 7, 12])
     assert np.array_equal(batch[2], packed.read(7)) and np.array_equal(batch[0], packed.read(19))
     # The release ZIP reads the same, also from DataLoader workers (lazy per-process open).
-    zpath = _zip_dir(tmp_path / "lat" / "vae-sd", tmp_path / "vae-sd.zip")
+    zpath = zip_dir(tmp_path / "lat" / "vae-sd", tmp_path / "vae-sd.zip")
     zds = build_dataset(zpath, resolution=RES)
     assert isinstance(zds, ReleaseLatentDataset) and zds.is_zip
     xs, ys = next(iter(torch.utils.data.DataLoader(zds, batch_size=20, num_workers=2)))
@@ -345,7 +337,7 @@ def test_encode_skips_corrupt_images_and_keeps_labels(tmp_path, data_tiny_vae, c
 
 def test_encode_crop_mode_zip_source_and_workers(tmp_path, data_tiny_vae, data_vae):
     _class_tree(tmp_path / "raw")
-    zpath = _zip_dir(tmp_path / "raw", tmp_path / "raw.zip")
+    zpath = zip_dir(tmp_path / "raw", tmp_path / "raw.zip")
     rep = encode_images(_encode_cfg(zpath, tmp_path / "lat", data_tiny_vae, crop=True,
                                     resolution=RES, workers=2, layouts=("packed",), latent_scale=0.5))
     assert rep.samples == 6 and rep.release_dir is None

@@ -18,7 +18,6 @@ from safetensors.torch import load_file, save_file
 from sra import checkpoints as ckpts
 from sra.cli import main
 from sra.data import build_dataset
-from sra.data.formats import latent_name
 from sra.encoders import EncoderSpec, build_encoder, register_encoder
 from sra.encoders.digits import (DIGITS_ENCODER_CONFIG, DIGITS_ENCODER_FILE, digits_encoder_path)
 from sra.errors import SraError
@@ -29,6 +28,7 @@ from sra.objectives.repa import (EncoderAlignConfig, EncoderAlignObjective, nega
                                  resize_tokens)
 from sra.training.config import override, preset
 from sra.training.loop import Trainer
+from tiny_data import release_data
 
 TINY_ARGS = ["--depth", "3", "--hidden-size", "32", "--num-heads", "2", "--block-out-s", "1",
              "--projector-dim", "64", "--batch-size", "32", "--report-to", "none",
@@ -73,30 +73,6 @@ def tiny_vit_weights(tmp_path):
     path = tmp_path / "tiny-dinov2.safetensors"
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
     return path
-
-
-def _release_data(root, n: int = 8, side: int = 4, images: bool = True, skip=()) -> None:
-    """A release layout: vae-sd/ (mean‖std (8, side, side)) and, if asked, images/ (RGB PNGs of
-    side·8 px); latent numbers in ``skip`` are missing (a skipped input leaves a gap)."""
-    rng = np.random.default_rng(0)
-    lat, img = root / "vae-sd", root / "images"
-    labels, img_labels = [], []
-    for k in range(n):
-        px = rng.integers(0, 256, (side * 8, side * 8, 3), dtype=np.uint8)
-        name = f"{k // 1000:05d}/img{k:08d}.png"
-        if images:
-            (img / name).parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(px).save(img / name)
-            img_labels.append([name, k % 3])
-        if k in skip:
-            continue
-        (lat / latent_name(k)).parent.mkdir(parents=True, exist_ok=True)
-        moments = np.concatenate([rng.normal(size=(4, side, side)), np.full((4, side, side), 0.1)])
-        np.save(lat / latent_name(k), moments.astype(np.float32))
-        labels.append([latent_name(k), k % 3])
-    (lat / "dataset.json").write_text(json.dumps({"labels": labels}))
-    if images:
-        (img / "dataset.json").write_text(json.dumps({"labels": img_labels}))
 
 
 # -- the model's REPA head -----------------------------------------------------------------------------
@@ -237,7 +213,7 @@ def test_digits_encoder_is_not_the_scoring_classifier(digits_encoder_cached):
 
 # -- data: images beside latents -------------------------------------------------------------------------
 def test_latents_come_with_their_images_by_relative_numbering(tmp_path):
-    _release_data(tmp_path / "data", n=6, skip={2})  # latent 2 missing: a gap, not a shift
+    release_data(tmp_path / "data", n=6, skip={2})  # latent 2 missing: a gap, not a shift
     ds = build_dataset(str(tmp_path / "data"), with_images=True)
     assert len(ds) == 5
     x, image, y = ds[2]  # the third latent is file number 3 → the fourth image
@@ -251,7 +227,7 @@ def test_encode_output_finds_its_image_source_and_mirrors_flipped_latents(tmp_pa
     from sra.data.encode import EncodeConfig, encode_images
     from sra.data.vae import save_tiny_vae
 
-    _release_data(tmp_path / "src", n=4)  # only its images/ are used
+    release_data(tmp_path / "src", n=4)  # only its images/ are used
     vae = save_tiny_vae(str(tmp_path / "vae"), seed=0)
     encode_images(EncodeConfig(source=str(tmp_path / "src" / "images"), dest=str(tmp_path / "lat"),
                                vae=vae, batch_size=4, workers=0, flip=True, progress=False))
@@ -267,7 +243,7 @@ def test_encode_output_finds_its_image_source_and_mirrors_flipped_latents(tmp_pa
 
 
 def test_latent_dataset_without_images_fails_at_start_up_in_one_line(tmp_path, capsys):
-    _release_data(tmp_path / "data", images=False)
+    release_data(tmp_path / "data", images=False)
     code = main(["train", "--data-dir", str(tmp_path / "data"), "--align-target", "encoder",
                  "--model", "SiT-S/2", "--output-dir", str(tmp_path / "runs"), "--report-to", "none"])
     err = capsys.readouterr().err.strip()
@@ -313,7 +289,7 @@ def test_flags_route_to_the_chosen_target(capsys):
 
 
 def test_latent_run_with_images_has_no_host_sync_in_a_step(tmp_path, tiny_vit_weights, monkeypatch):
-    _release_data(tmp_path / "data", n=8)
+    release_data(tmp_path / "data", n=8)
     cfg = preset("sit-xl2-repa-256")
     for k, v in {"model.name": "SiT-S/2", "model.depth": 2, "model.hidden_size": 32,
                  "model.num_heads": 2, "data.data_dir": str(tmp_path / "data"),

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from sra.checkpoints.export import is_export, read_export
+from sra.checkpoints.export import export_problem, is_export, read_export
 from sra.checkpoints.layout import (CKPT_DIR, META, latest_checkpoint, read_meta,
                                     verify_checkpoint, verify_member)
 from sra.checkpoints.safe import check_state_dict, load_safetensors, safe_torch_load
@@ -93,7 +93,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if p.is_dir() and not (p / META).is_file():
         latest = latest_checkpoint(p)
         if latest is None:
-            raise SraError(f"{p} holds no complete checkpoint (expected {CKPT_DIR}/step-*/{META})")
+            raise SraError(export_problem(p) or
+                           f"{p} holds no complete checkpoint (expected {CKPT_DIR}/step-*/{META})")
         return latest
     return p
 

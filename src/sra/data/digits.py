@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from sra.data.base import DataInfo
+from sra.data.checks import check_labels
 
 DIGITS_SIZE = 16
 DIGITS_CLASSES = 10
@@ -37,6 +38,8 @@ class DigitsDataset(Dataset):
         images, labels = load_digits_arrays(size)
         self.images = torch.from_numpy(images)
         self.labels = torch.from_numpy(labels)
+        self.labels_file = "scikit-learn's digits (sklearn.datasets.load_digits)"
+        check_labels(labels, DIGITS_CLASSES, self.labels_file, "the digits 0..9")
         self.info = DataInfo(
             kind="pixels", channels=1, size=size, num_classes=DIGITS_CLASSES,
             latent_scale=1.0, latent_bias=0.0, resolution=None,

@@ -29,8 +29,10 @@ from torch.utils.data import Dataset
 
 from sra.atomic import atomic_path, atomic_write_json
 from sra.data.base import DataInfo
+from sra.data.checks import check_labels
 from sra.data.formats import INDEX_NAME, LABELS_NAME, PACKED_FORMAT, PACKED_HEADER, PACKED_VERSION
 from sra.errors import SraError
+from sra.oserrors import writing
 
 _NPY_HEADER_BYTES = 128  # fixed .npy header size, so the row count can be rewritten in place
 
@@ -54,30 +56,40 @@ class ShardWriter:
         self.path, self.tmp = path, path + ".partial"
         self.sample_shape, self.dtype = tuple(sample_shape), np.dtype(dtype)
         self.rows = 0
-        self._f = open(self.tmp, "wb")
-        self._f.write(_npy_header((0, *self.sample_shape), self.dtype))
+        with writing(path):
+            self._f = open(self.tmp, "wb")
+            self._f.write(_npy_header((0, *self.sample_shape), self.dtype))
 
     def append(self, rows: np.ndarray) -> None:
         """Write rows (n, *sample_shape)."""
         if tuple(rows.shape[1:]) != self.sample_shape:
             raise SraError(f"cannot pack rows of shape {tuple(rows.shape[1:])} into a shard of "
                            f"{self.sample_shape}")
-        self._f.write(np.ascontiguousarray(rows, dtype=self.dtype).data)  # no extra bytes copy
+        with writing(self.path):
+            self._f.write(np.ascontiguousarray(rows, dtype=self.dtype).data)  # no extra bytes copy
         self.rows += len(rows)
 
     def close(self) -> int:
         """Finish the file; returns the number of rows."""
-        self._f.seek(0)
-        self._f.write(_npy_header((self.rows, *self.sample_shape), self.dtype))
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        os.replace(self.tmp, self.path)
+        try:
+            with writing(self.path):
+                self._f.seek(0)
+                self._f.write(_npy_header((self.rows, *self.sample_shape), self.dtype))
+                self._f.flush()
+                os.fsync(self._f.fileno())
+                self._f.close()
+                os.replace(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
         return self.rows
 
     def abort(self) -> None:
-        """Drop the partial file."""
-        self._f.close()
+        """Drop the partial file (closing it may fail again on a full disk)."""
+        try:
+            self._f.close()
+        except OSError:
+            pass
         if os.path.exists(self.tmp):
             os.remove(self.tmp)
 
@@ -100,6 +112,9 @@ def write_packed_header(
     n = sum(rows for _, rows in shards)
     if len(labels) != n or len(index) != n:
         raise SraError(f"packed data in {root}: {n} rows but {len(labels)} labels / {len(index)} indices")
+    # Never write a header whose labels a reader would refuse.
+    check_labels(labels, info.num_classes, os.path.join(root, LABELS_NAME),
+                 f"the data has {info.num_classes} classes")
     _save_npy_atomic(os.path.join(root, LABELS_NAME), np.asarray(labels, dtype=np.int64))
     _save_npy_atomic(os.path.join(root, INDEX_NAME), np.asarray(index, dtype=np.int64))
     header = {
@@ -138,7 +153,10 @@ class PackedLatentDataset(Dataset):
                            f"version {header.get('version')!r} (this sra reads {PACKED_FORMAT} "
                            f"version {PACKED_VERSION})")
         self.header = header
-        info = DataInfo(**header["info"])
+        try:
+            info = DataInfo(**header["info"])
+        except (KeyError, TypeError) as exc:
+            raise SraError(f"{header_path}: corrupt 'info' entry ({exc})") from None
         if latent_scale is not None:
             info = DataInfo(**{**info.to_dict(), "latent_scale": float(latent_scale)})
         self.info = info
@@ -152,9 +170,12 @@ class PackedLatentDataset(Dataset):
         if self._len != header["num_samples"]:
             raise SraError(f"{header_path}: shard rows sum to {self._len}, header says "
                            f"{header['num_samples']}")
+        self.labels_file = os.path.join(self.path, header["labels"])
         self.labels = self._load_small(header["labels"])
         if len(self.labels) != self._len:
             raise SraError(f"{self.path}: {len(self.labels)} labels for {self._len} samples")
+        check_labels(self.labels, info.num_classes, self.labels_file,
+                     f"{PACKED_HEADER} declares {info.num_classes} classes", self.sample_name)
         self._maps: list[np.ndarray] | None = None
         self._open_maps()
 
@@ -195,6 +216,11 @@ class PackedLatentDataset(Dataset):
 
     def __len__(self) -> int:
         return self._len
+
+    def sample_name(self, i: int) -> str:
+        """Where sample ``i`` lives: its shard file and row."""
+        k = bisect.bisect_right(self._starts, i) - 1
+        return f"{os.path.basename(self._files[k])} row {i - self._starts[k]}"
 
     def _check_index(self, i: int) -> int:
         if i < 0:

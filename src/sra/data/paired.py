@@ -98,6 +98,19 @@ class LatentsWithImages(Dataset):
     def __len__(self) -> int:
         return len(self.numbers)
 
+    @property
+    def labels(self):
+        """The latents' labels (checked when they opened)."""
+        return self.latents.labels  # type: ignore[attr-defined]
+
+    @property
+    def labels_file(self) -> str:
+        return self.latents.labels_file  # type: ignore[attr-defined]
+
+    def sample_name(self, i: int) -> str:
+        """Where latent ``i`` lives."""
+        return self.latents.sample_name(i)  # type: ignore[attr-defined]
+
     def image(self, i: int) -> torch.Tensor:
         """The clean image of sample ``i``, uint8 (3, res, res)."""
         k = int(self.numbers[i])

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from sra.data.checks import inferred_classes
 from sra.data.formats import (
     DEFAULT_SHARD_SIZE, LABELS_FILE, RELEASE_DIR, is_packed, moments_info, shard_name,
 )
@@ -68,10 +69,12 @@ class ReleaseLatentDataset(Dataset):
         self.is_zip = os.path.isfile(found)
         self._zip: zipfile.ZipFile | None = None
         self._zip_pid: int | None = None
+        self.labels_file = (f"{found}:{LABELS_FILE}" if self.is_zip
+                            else os.path.join(found, LABELS_FILE))
         if self.is_zip:
             with zipfile.ZipFile(found) as zf:
                 names = [n for n in zf.namelist() if n.endswith(".npy")]
-                labels_map = read_labels_json(zf.read(LABELS_FILE), f"{found}:{LABELS_FILE}")
+                labels_map = read_labels_json(zf.read(LABELS_FILE), self.labels_file)
         else:
             names = []
             for root, _dirs, files in os.walk(found):
@@ -79,13 +82,16 @@ class ReleaseLatentDataset(Dataset):
                 for f in files:
                     if f.endswith(".npy"):
                         names.append(f if rel == "." else f"{rel}/{f}".replace(os.sep, "/"))
-            with open(os.path.join(found, LABELS_FILE), "rb") as fh:
-                labels_map = read_labels_json(fh.read(), os.path.join(found, LABELS_FILE))
+            with open(self.labels_file, "rb") as fh:
+                labels_map = read_labels_json(fh.read(), self.labels_file)
         names.sort()
         if not names:
             raise SraError(f"{found} holds no .npy latent files")
         self.names = names
         self.labels = self._align_labels(names, labels_map)
+        # The release format declares no class count, so only a negative label can fall outside
+        # it here (against a model's fixed classes: checks.check_labels_fit).
+        num_classes = inferred_classes(self.labels, self.labels_file, self.sample_name)
         first = self._load(0)
         if first.ndim != 3 or first.shape[0] % 2 or first.shape[1] != first.shape[2]:
             raise SraError(
@@ -93,16 +99,16 @@ class ReleaseLatentDataset(Dataset):
                 "(2C, H, H) such as (8, 32, 32)"
             )
         self.sample_shape = tuple(first.shape)
-        num_classes = 1 if self.labels.size == 0 else int(self.labels.max()) + 1
         self.info = moments_info(self.sample_shape, num_classes, latent_scale)
 
     def _align_labels(self, names: list[str], labels_map: dict[str, int] | None) -> np.ndarray:
         if labels_map is None:  # "labels": null → unconditional data, one class
             return np.zeros(len(names), dtype=np.int64)
-        labels = align_labels(names, labels_map, self.path, ".npy files")
-        if labels.size and labels.min() < 0:
-            raise SraError(f"{self.path}: class labels must be ≥ 0, found {labels.min()}")
-        return labels
+        return align_labels(names, labels_map, self.path, ".npy files")
+
+    def sample_name(self, i: int) -> str:
+        """The latent file of sample ``i``, relative to the folder/ZIP."""
+        return self.names[i]
 
     def _where(self, i: int) -> str:
         return f"{self.path}{':' if self.is_zip else os.sep}{self.names[i]}"

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from sra.data.checks import inferred_classes
 from sra.data.formats import LABELS_FILE
 from sra.errors import SraError
 
@@ -67,16 +68,28 @@ def read_labels_json(data: bytes | str, where: str) -> dict[str, int] | None:
         raise SraError(f"{where}: 'labels' must be a list of [path, class_index] pairs") from None
 
 
+def _first(items: list[str], k: int = 3) -> str:
+    return ", ".join(items[:k]) + (", …" if len(items) > k else "")
+
+
 def align_labels(names: list[str], labels_map: dict[str, int], where: object,
                  what: str) -> np.ndarray:
-    """Labels in the order of ``names``; one clear error if the label list and files disagree."""
-    missing = [n for n in names if n not in labels_map]
-    if missing or len(labels_map) != len(names):
-        raise SraError(
-            f"{where}: {LABELS_FILE} lists {len(labels_map)} labels but there are {len(names)} "
-            f"{what}" + (f" (first without a label: {missing[0]})" if missing else "")
-        )
-    return np.array([labels_map[n] for n in names], dtype=np.int64)
+    """Labels in the order of ``names``; where the label list and the files disagree, one line
+    naming the first few files on each side that the other lacks, and how many in all."""
+    unlabelled = [n for n in names if n not in labels_map]
+    if not unlabelled and len(labels_map) == len(names):
+        return np.fromiter((labels_map[n] for n in names), dtype=np.int64, count=len(names))
+    present = set(names)
+    absent = [n for n in labels_map if n not in present]
+    counts = (f"lists {len(labels_map)} labels but there are {len(names)} {what}"
+              if len(labels_map) != len(names) else
+              f"lists {len(labels_map)} labels for the {len(names)} {what}, but not the same files")
+    parts = []
+    if absent:
+        parts.append(f"{len(absent)} listed file(s) are not there ({_first(absent)})")
+    if unlabelled:
+        parts.append(f"{len(unlabelled)} of the {what} have no label ({_first(unlabelled)})")
+    raise SraError(f"{where}: {LABELS_FILE} {counts}: " + "; ".join(parts))
 
 
 @dataclass
@@ -173,12 +186,12 @@ def open_image_source(path: str, limit: int | None = None) -> ImageSource:
                             "point the source at the folder that holds the class folders",
                             path, class_names[0])
             labels, class_names = None, None
-    if labels is not None and labels.size and labels.min() < 0:
-        raise SraError(f"{path}: class labels must be ≥ 0, found {labels.min()}")
-
-    num_classes = 1 if labels is None else int(labels.max()) + 1
+    num_classes = 1
     if class_names is not None:
         num_classes = len(class_names)
+    elif labels is not None:  # from dataset.json, which declares no class count
+        where = f"{path}:{LABELS_FILE}" if is_zip else os.path.join(path, LABELS_FILE)
+        num_classes = inferred_classes(labels, where, names.__getitem__)
     if limit is not None:
         if limit <= 0:
             raise SraError(f"--limit must be a positive integer, got {limit}")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from sra.errors import SraError
 
@@ -47,13 +47,23 @@ class ShardedBatchSampler(Sampler[list[int]]):
         g = torch.Generator().manual_seed(self.seed * SEED_STRIDE + epoch)
         return torch.randperm(self.n, generator=g)
 
+    def _rows(self, perm: torch.Tensor, batch: int) -> list[int]:
+        lo = batch * self.global_micro + self.rank * self.per_process
+        return perm[lo: lo + self.per_process].tolist()
+
+    def indices_at(self, position: Position) -> list[int]:
+        """This process's dataset indices of the global micro-batch at ``position`` (e.g. the
+        failing batch of a non-finite step). ``self.position`` runs ahead of training (the
+        DataLoader prefetches), so callers pass the position they counted themselves."""
+        return self._rows(self._perm(position.epoch), position.batch)
+
     def __iter__(self) -> Iterator[list[int]]:
         while True:
             perm = self._perm(self.position.epoch)
             while self.position.batch < self.batches_per_epoch:
-                lo = self.position.batch * self.global_micro + self.rank * self.per_process
+                batch = self.position.batch
                 self.position.batch += 1
-                yield perm[lo: lo + self.per_process].tolist()
+                yield self._rows(perm, batch)
             self.position = Position(self.position.epoch + 1, 0)
 
 
@@ -61,3 +71,14 @@ def advance(start: Position, k: int, batches_per_epoch: int) -> Position:
     """The position ``k`` global micro-batches after ``start``."""
     flat = start.epoch * batches_per_epoch + start.batch + k
     return Position(*divmod(flat, batches_per_epoch))
+
+
+def make_loader(dataset, sampler: ShardedBatchSampler, num_workers: int,
+                device: torch.device) -> DataLoader:
+    """The training DataLoader over ``sampler``'s batches."""
+    return DataLoader(
+        dataset, batch_sampler=sampler, num_workers=num_workers,
+        pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
+        # Own generator: creating loader iterators must not consume the global RNG stream.
+        generator=torch.Generator(),
+    )
