@@ -8,12 +8,14 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 # Lower layers never import higher ones. Within a layer, imports are fine as long as they form
-# no cycle. `errors`, `atomic` and `devices` are leaves everything may use.
+# no cycle. `errors`, `oserrors`, `atomic`, `runlock` and `devices` are leaves everything may use.
 LAYERS = {
-    "sra": 0, "sra.errors": 0, "sra.atomic": 0, "sra.devices": 0,
+    "sra": 0, "sra.errors": 0, "sra.oserrors": 0, "sra.atomic": 0, "sra.runlock": 0,
+    "sra.devices": 0,
     "sra.data": 1, "sra.models": 1, "sra.diffusion": 1, "sra.checkpoints": 1,
     "sra.objectives": 2, "sra.sampling": 2,
     "sra.training": 3, "sra.eval": 3, "sra.viz": 3, "sra.encoders": 3,
+    "sra.compare": 3,
     "sra.commands": 4,
     "sra.cli": 5, "sra.__main__": 5,
 }

@@ -9,6 +9,7 @@ COMMANDS: dict[str, str] = {
     "sample": "sra.commands.sample",
     "eval": "sra.commands.eval",
     "export": "sra.commands.export",
+    "compare": "sra.commands.compare",
     "pca": "sra.commands.pca",
     "artefacts": "sra.commands.artefacts",
 }

@@ -1,0 +1,161 @@
+"""The comparison as text: ``compare.md`` (also printed) and ``compare.json`` (every number,
+NaN written as null)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from sra.atomic import atomic_write_json
+from sra.compare.analysis import AxisTable
+from sra.compare.arms import differing_keys, fmt_value
+from sra.compare.pipeline import Comparison
+from sra.compare.stats import SIG_SE, Delta, Estimate
+
+AXIS_TITLES = {"steps": "Equal steps", "images": "Equal images seen",
+               "compute": "Equal compute: at the baseline's mean cumulative compute"}
+
+
+def _decimals(x: float, digits: int) -> int:
+    """Decimals that show ``digits`` significant digits of x (0 … 6)."""
+    if not math.isfinite(x) or x == 0:
+        return 2
+    return min(6, max(0, digits - 1 - math.floor(math.log10(abs(x)))))
+
+
+def fmt(mean: float, se: float = math.nan, signed: bool = False) -> str:
+    """"m ± se" with one decimal count: 2 significant digits of the SE, at least 3 of the mean
+    (4 when there is no SE)."""
+    if not math.isfinite(mean):
+        return "–"
+    d = max(_decimals(mean, 3), _decimals(se, 2)) if math.isfinite(se) else _decimals(mean, 4)
+    text = f"{mean:+.{d}f}" if signed else f"{mean:.{d}f}"
+    return text + (f" ± {se:.{d}f}" if math.isfinite(se) else "")
+
+
+def fmt_est(e: Estimate | None) -> str:
+    return "–" if e is None or not e.n else fmt(e.mean, e.se)
+
+
+def fmt_delta(d: Delta | None) -> str:
+    """Δ ± SE, bold with ↓/↑ beyond 2 SE, "(W)" when unpaired."""
+    if d is None or not d.n or not math.isfinite(d.mean):
+        return "–"
+    text = fmt(d.mean, d.se, signed=True)
+    mark = d.mark()
+    text = f"**{text}** {mark}" if mark else text
+    return text + ("" if d.paired else " (W)")
+
+
+def _header(cmp: Comparison) -> list[str]:
+    better = "lower" if cmp.lower_is_better else "higher"
+    steps = cmp.tables["steps"]
+    late = (f"the last {len(steps.late)} of {len(steps.x)} common evaluations (steps "
+            f"{', '.join(str(steps.steps[i]) for i in steps.late)})" if steps.late else "–")
+    return [f"# sra compare: `{cmp.metric}` ({better} is better)", "",
+            f"Baseline `{cmp.baseline.name}`. Mean ± standard error over seeds. Δ = arm − "
+            f"baseline, paired by seed where the baseline has each of the arm's seeds, else "
+            f"unpaired with Welch's SE (marked (W)); **bold ↓/↑**: |Δ| > {SIG_SE:g} SE (↓ lower, "
+            f"↑ higher than the baseline). Late: the mean over {late} (`--late "
+            f"{cmp.late_fraction:.3g}`). Values between evaluations are interpolated linearly, "
+            f"never extrapolated.", ""]
+
+
+def _arms(cmp: Comparison) -> list[str]:
+    unit = cmp.compute_unit or "s"
+    steps, compute = cmp.tables["steps"], cmp.tables["compute"]
+    base_cost = cmp.cost.get(cmp.baseline.name)
+    lines = [f"| arm | runs | seeds | compute/step ({unit}) | × baseline | late ± SE | "
+             f"late Δ, equal steps | late Δ, equal compute |", "|---|---|---|---|---|---|---|---|"]
+    for arm in cmp.arms:
+        c = cmp.cost.get(arm.name)
+        ratio = (f"{c.mean / base_cost.mean:.2f}" if c and c.n and base_cost and base_cost.n
+                 and base_cost.mean > 0 else "–")
+        lines.append(f"| `{arm.name}` | {len(arm.runs)} | {', '.join(map(str, arm.seeds))} | "
+                     f"{fmt_est(c)} | {ratio} | {fmt_est(steps.late_mean.get(arm.name))} | "
+                     f"{fmt_delta(steps.late_delta.get(arm.name))} | "
+                     f"{fmt_delta(compute.late_delta.get(arm.name)) if not compute.unavailable else '–'} |")
+    return lines
+
+
+def _axis(cmp: Comparison, t: AxisTable) -> list[str]:
+    lines = [f"## {AXIS_TITLES[t.axis]}", ""]
+    if t.unavailable:
+        return lines + [f"Unavailable: {t.unavailable}.", ""]
+    names = [a.name for a in cmp.arms]
+    head = "| step |" if t.axis == "steps" else f"| baseline step | {t.unit} |"
+    lines += [head + "".join(f" `{n}` |" for n in names),
+              "|---|" + "---|" * (len(names) + (t.axis != "steps"))]
+    for i, s in enumerate(t.steps):
+        x = "" if t.axis == "steps" else f" {t.x[i]:.4g} |"
+        lines.append(f"| {s} |{x}" + "".join(f" {fmt_est(t.mean[n][i])} |" for n in names))
+    others = [n for n in names if n != cmp.baseline.name]
+    if others:
+        lines += ["", "Δ vs the baseline:", "", "| step |" + "".join(f" `{n}` |" for n in others),
+                  "|---|" + "---|" * len(others)]
+        for i, s in enumerate(t.steps):
+            lines.append(f"| {s} |" + "".join(f" {fmt_delta(t.delta[n][i])} |" for n in others))
+    return lines + [""]
+
+
+def markdown(cmp: Comparison) -> str:
+    """The whole report."""
+    lines = _header(cmp) + ["## Arms", "", *_arms(cmp), ""]
+    for axis in ("steps", "images", "compute"):
+        if axis in cmp.tables:
+            lines += _axis(cmp, cmp.tables[axis])
+    for title, items in (("Warnings", cmp.warnings), ("Notes", cmp.notes),
+                         ("Left out", cmp.left_out)):
+        if items:
+            lines += [f"## {title}", "", *(f"- {x}" for x in items), ""]
+    return "\n".join(lines)
+
+
+def _num(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else x
+
+
+def _est(e: Estimate | None) -> dict | None:
+    return None if e is None else {"mean": _num(e.mean), "se": _num(e.se), "n": e.n}
+
+
+def _delta(d: Delta | None) -> dict | None:
+    return None if d is None else {"mean": _num(d.mean), "se": _num(d.se), "n": d.n,
+                                   "n_baseline": d.n_base, "paired": d.paired, "mark": d.mark()}
+
+
+def _table_json(t: AxisTable) -> dict[str, Any]:
+    return {"unit": t.unit, "steps": t.steps, "x": [_num(x) for x in t.x],
+            "late_steps": [t.steps[i] for i in t.late], "unavailable": t.unavailable or None,
+            "arms": {name: {"mean": [_est(e) for e in t.mean[name]],
+                            "delta": [_delta(d) for d in t.delta.get(name, [])] or None,
+                            "late": _est(t.late_mean.get(name)),
+                            "late_delta": _delta(t.late_delta.get(name)),
+                            "runs": [{"run": run, "seed": seed, "values": [_num(v) for v in vals]}
+                                     for seed, run, vals in t.values[name]]}
+                     for name in t.values}}
+
+
+def to_json(cmp: Comparison) -> dict[str, Any]:
+    """The comparison as plain JSON data."""
+    keys = differing_keys([a.config for a in cmp.arms])
+    return {"metric": cmp.metric, "lower_is_better": cmp.lower_is_better,
+            "baseline": cmp.baseline.name, "late_fraction": cmp.late_fraction,
+            "compute_unit": cmp.compute_unit,
+            "arms": [{"name": a.name, "runs": [r.name for r in a.runs], "seeds": a.seeds,
+                      "differs": {k: fmt_value(a.config.get(k)) for k in keys},
+                      "compute_per_step": _est(cmp.cost.get(a.name))} for a in cmp.arms],
+            "tables": {axis: _table_json(t) for axis, t in cmp.tables.items()},
+            "warnings": cmp.warnings, "notes": cmp.notes, "left_out": cmp.left_out}
+
+
+def write_report(cmp: Comparison, out: str | Path) -> dict[str, Path]:
+    """``compare.md`` and ``compare.json`` in ``out`` (created)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / "compare.md"
+    md.write_text(markdown(cmp))
+    js = atomic_write_json(out / "compare.json", to_json(cmp))
+    return {"markdown": md, "json": js}
