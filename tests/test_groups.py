@@ -2,16 +2,22 @@
 the teacher strategies, each against a hand-written reference on tiny shapes."""
 
 import math
+import random
 
 import pytest
 import torch
 
 from sra.errors import SraError
 from sra.models import build_model, model_config
+from sra.models.transformer import TokenGroups
 from sra.objectives import AlignConfig, FlowConfig
 from sra.objectives.denoising import FlowMatching
-from sra.objectives.groups import (DualTimeObjective, GroupConfig, group_sizes, present_min,
-                                   sample_groups, time_map)
+from sra.objectives.groups import (DualTimeObjective, GroupConfig, GroupSampler, group_sizes,
+                                   present_min, time_map)
+
+
+def sample_groups(n, sizes, device, full_sample_prob=0.0):
+    return GroupSampler(sizes, full_sample_prob)(n, device).ids
 
 
 def tiny(**kw):
@@ -27,7 +33,9 @@ def tiny(**kw):
 
 def test_group_sizes_floor_and_largest_remainder():
     assert group_sizes((0.25,), 16) == [4, 12]
+    assert group_sizes((0.3,), 16) == [5, 11]  # 4.8, 11.2: the missing token to 0.8
     assert group_sizes((0.3,), 10) == [3, 7]
+    assert group_sizes((0.95,), 10) == [10, 0]  # float32 9.5 and 0.5: a tie, the lower group
     assert group_sizes((0.0,), 16) == [16] and group_sizes((1.0,), 16) == [16]
     assert group_sizes((), 16) == [16]
     assert group_sizes((1, 1, 1), 16) == [6, 5, 5]  # 5.33 each: one extra token to the first
@@ -35,15 +43,61 @@ def test_group_sizes_floor_and_largest_remainder():
     assert sum(group_sizes((0.2, 0.7), 9)) == 9
 
 
-def test_sample_groups_deals_a_permutation_per_sample():
+def _authors_counts(ratios, T):
+    """The reference code's count (SiT-SRA_DTS_AS/loss.py, _normalize_mask_ratios and
+    _compute_group_counts), rewritten: float32 products floored, the rest by torch.topk of the
+    fractional parts. Returns the counts and whether topk had to break a tie."""
+    if len(ratios) == 1:
+        ratios = [1.0] if not 0 < ratios[0] < 1 else [ratios[0], 1.0 - ratios[0]]
+    else:
+        ratios = [r / sum(ratios) for r in ratios]
+    expected = torch.tensor(ratios, dtype=torch.float32) * T
+    counts = torch.floor(expected).long()
+    frac = expected - counts.float()
+    missing = T - int(counts.sum())
+    tie = 0 < missing < len(ratios) and bool(
+        (frac == frac.sort(descending=True).values[missing - 1]).sum() > 1)
+    if missing:
+        counts[torch.topk(frac, k=missing).indices] += 1
+    return counts.tolist(), tie
+
+
+def test_group_sizes_equal_the_authors_code_for_many_ratios_and_token_counts():
+    rng = random.Random(0)
+    cases = [((k / 100,), T) for k in range(1, 100) for T in range(1, 130)]
+    cases += [((rng.random(),), rng.choice([256, 1024, 4096])) for _ in range(300)]
+    cases += [(tuple(rng.uniform(0.05, 1) for _ in range(rng.randint(2, 5))), rng.randint(2, 300))
+              for _ in range(300)]
+    ties = 0
+    for ratios, T in cases:
+        want, tie = _authors_counts(ratios, T)
+        got = group_sizes(ratios, T)
+        assert sum(got) == T, (ratios, T)
+        if tie:  # topk does not specify which of equal parts wins; here the lower group does
+            ties += 1
+            assert sorted(got) == sorted(want), (ratios, T)
+        else:
+            assert got == want, (ratios, T)
+    assert ties < len(cases) // 20
+
+
+def test_group_sampler_deals_a_permutation_per_sample_with_tables_built_once():
     torch.manual_seed(1)
-    g = sample_groups(64, [4, 12], "cpu")
-    assert g.shape == (64, 16) and g.dtype == torch.long
-    assert torch.all((g == 0).sum(1) == 4) and torch.all((g == 1).sum(1) == 12)
-    assert len({tuple(row.tolist()) for row in g}) > 50  # fresh membership per sample
-    whole = sample_groups(2000, [4, 12], "cpu", full_sample_prob=0.3)
-    frac = (whole == 0).all(1).float().mean().item()
-    assert abs(frac - 0.3) < 0.05
+    sampler = GroupSampler([4, 12])
+    g = sampler(64, "cpu")
+    assert isinstance(g, TokenGroups) and g.ids.shape == (64, 16) and g.ids.dtype == torch.long
+    assert torch.all((g.ids == 0).sum(1) == 4) and torch.all((g.ids == 1).sum(1) == 12)
+    assert len({tuple(row.tolist()) for row in g.ids}) > 50  # fresh membership per sample
+    assert g.sizes == (4, 12) and g.num_full == 0 and g.rows is None
+    assert sampler.table("cpu") is sampler.table(torch.device("cpu"))  # once per device
+    random.seed(0)
+    whole = GroupSampler([4, 12], 0.3, full_group=1)(2000, "cpu")
+    full = (whole.ids == 1).all(1)
+    assert abs(whole.num_full / 2000 - 0.3) < 0.05 and int(full.sum()) == whole.num_full
+    assert full[whole.rows[:whole.num_full]].all() and not full[whole.rows[whole.num_full:]].any()
+    assert torch.all((whole.ids[~full] == 0).sum(1) == 4)  # the others keep their sizes
+    every = GroupSampler([4, 12], 1.0)(3, "cpu")
+    assert every.num_full == 3 and torch.equal(every.ids, torch.zeros(3, 16, dtype=torch.long))
 
 
 def test_time_map_puts_each_tokens_time_on_its_patch():
@@ -121,22 +175,6 @@ def test_groups_and_separation_match_a_naive_per_token_reference(separate, fused
     assert (got - want).abs().max() < 1e-4
 
 
-def test_separated_attention_equals_attention_within_each_group():
-    # Gather one group's tokens and run ordinary attention on them alone: same as the mask.
-    model = tiny()
-    att = model.blocks[0].attn
-    torch.manual_seed(4)
-    x = torch.randn(2, 16, 32)
-    groups = sample_groups(2, [4, 12], "cpu")
-    mask = (groups[:, :, None] == groups[:, None, :])[:, None]
-    got = att(x, mask)
-    for n in range(2):
-        for g in (0, 1):
-            idx = torch.nonzero(groups[n] == g).flatten()
-            alone = att(x[n:n + 1, idx])
-            assert (got[n, idx] - alone[0]).abs().max() < 1e-5
-
-
 def _objective(**kw):
     g = GroupConfig(**{"mask_ratios": (0.25,), **kw})
     align = AlignConfig(student_block=1, teacher_block=2, t_max=0.3, weight=0.5)
@@ -179,10 +217,11 @@ def test_teacher_inputs_per_strategy(strategy, teacher_mask):
     obj = _objective(teacher_t=strategy, teacher_mask=teacher_mask)
     torch.manual_seed(6)
     x0, eps = torch.randn(3, 2, 8, 8), torch.randn(3, 2, 8, 8)
-    groups = sample_groups(3, [4, 12], "cpu")
-    groups[2] = 0
+    ids = sample_groups(3, [4, 12], "cpu")
+    ids[2] = 0
+    groups = TokenGroups.from_ids(ids)
     t = torch.rand(3, 2)
-    x_t = path_input(x0, eps, t, groups)
+    x_t = path_input(x0, eps, t, ids)
     torch.manual_seed(7)
     xin, tin, gin = obj.teacher_inputs(x0, eps, x_t, t, groups, t_max=0.3)
     if strategy == "same":
@@ -191,7 +230,7 @@ def test_teacher_inputs_per_strategy(strategy, teacher_mask):
         torch.manual_seed(7)
         want_t = (t - 0.3 * torch.rand_like(t)).clamp(0, 1)
         assert torch.equal(tin, want_t) and torch.all(tin <= t) and gin is groups
-        assert torch.allclose(xin, path_input(x0, eps, want_t, groups))
+        assert torch.allclose(xin, path_input(x0, eps, want_t, ids))
     else:
         tau = torch.stack([t[0].min(), t[1].min(), t[2, 0]])  # row 2 has only group 0
         x_tau = (1 - tau)[:, None, None, None] * x0 + tau[:, None, None, None] * eps
@@ -207,10 +246,11 @@ def test_self_flow_clean_latent_quirk_only_on_purpose():
         GroupConfig(mask_ratios=(0.25,), teacher_t="sra", self_flow_clean_compat=True)
     obj = _objective(teacher_t="self_flow", teacher_mask=True, self_flow_clean_compat=True)
     x0, eps = torch.randn(1, 2, 8, 8), torch.randn(1, 2, 8, 8)
-    groups = torch.tensor([[0, 1, 1, 1] * 4])
+    ids = torch.tensor([[0, 1, 1, 1] * 4])
     t = torch.tensor([[0.4, 0.8]])
-    xin, tin, _ = obj.teacher_inputs(x0, eps, path_input(x0, eps, t, groups), t, groups, 0.3)
-    m = time_map(torch.tensor([[0.0, 1.0]]), groups, 4, 2).bool().expand_as(x0)
+    xin, tin, _ = obj.teacher_inputs(x0, eps, path_input(x0, eps, t, ids), t,
+                                     TokenGroups(ids, (4, 12)), 0.3)
+    m = time_map(torch.tensor([[0.0, 1.0]]), ids, 4, 2).bool().expand_as(x0)
     assert torch.equal(xin[m], x0[m])  # groups ≥ 1: the clean latent …
     assert torch.allclose(xin[~m], (0.6 * x0 + 0.4 * eps)[~m])  # … group 0 at τ = 0.4
     assert torch.equal(tin, torch.tensor([[0.4, 0.4]]))  # while τ is embedded everywhere
@@ -231,6 +271,101 @@ def test_objective_gradients_and_alignment_off():
     with pytest.raises(SraError, match="SiT"):
         from sra.objectives.denoising import DDPMProcess
         DualTimeObjective(DDPMProcess(), GroupConfig(mask_ratios=(0.25,)), AlignConfig(), 0.0, 5, 4, 2)
+
+
+def test_reference_compat_switches():
+    # 1. a full sample joins group 1, as in the reference: with the clean-latent quirk its
+    #    teacher then sees the whole clean latent
+    with pytest.raises(SraError, match="allowed: 0, 1"):
+        GroupConfig(mask_ratios=(0.25,), full_sample_group=2)
+    obj = _objective(full_sample_prob=1.0, full_sample_group=1, teacher_t="self_flow",
+                     self_flow_clean_compat=True)
+    groups = obj.sampler(2, "cpu")
+    assert torch.equal(groups.ids, torch.ones(2, 16, dtype=torch.long))
+    x0, eps, t = torch.randn(2, 2, 8, 8), torch.randn(2, 2, 8, 8), torch.tensor([[0.3, 0.6]] * 2)
+    xin, tin, _ = obj.teacher_inputs(x0, eps, x0, t, groups, 0.3)
+    assert torch.equal(xin, x0) and torch.equal(tin, torch.full((2, 2), 0.6))
+    # 2. self_flow's τ over every group's time, also for a full sample (one group present)
+    ids = torch.zeros(1, 16, dtype=torch.long)
+    for all_groups, tau in ((False, 0.6), (True, 0.3)):
+        obj = _objective(teacher_t="self_flow", teacher_mask=False,
+                         self_flow_tau_all_groups=all_groups)
+        _, tin, _ = obj.teacher_inputs(x0[:1], eps[:1], x0[:1], torch.tensor([[0.6, 0.3]]),
+                                       TokenGroups(ids, (4, 12)), 0.3)
+        assert torch.equal(tin, torch.tensor([tau]))
+    # 3. the teacher sees the undropped labels (the reference) or the student's (ours)
+    for undropped in (False, True):
+        obj = DualTimeObjective(FlowMatching(FlowConfig()), GroupConfig(
+            mask_ratios=(0.25,), teacher_undropped_labels=undropped), AlignConfig(
+            student_block=1, teacher_block=2, weight=0.5), 0.9, 5, grid=4, patch=2)
+        seen = {}
+        def spy(name, model):
+            def call(x, t, y, **kw):
+                seen[name] = y
+                return model(x, t, y, **kw)
+            return call
+        y = torch.arange(8) % 5
+        torch.manual_seed(0)
+        obj(spy("student", tiny(use_head=True)), spy("teacher", tiny()), torch.randn(8, 2, 8, 8), y)
+        assert (seen["student"] == 5).any()  # some labels dropped to the null label
+        assert torch.equal(seen["teacher"], y if undropped else seen["student"])
+
+
+class _HostReads:
+    """Counts reads of tensor values on the host (what syncs with a device)."""
+
+    def __init__(self, monkeypatch):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        self.events = events = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default):
+                    events.append(str(func))
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+        for name in ("tolist", "numpy"):
+            real = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _r=real, _n=name, **k:
+                                (events.append(_n), _r(t, *a, **k))[1])
+
+
+@pytest.mark.parametrize("strategy,p", [("sra", 0.0), ("sra", 0.5), ("same", 1.0),
+                                        ("self_flow", 0.5)])
+def test_a_dual_time_step_reads_nothing_back(monkeypatch, strategy, p):
+    model, teacher = tiny(use_head=True).train(), tiny()
+    obj = _objective(teacher_t=strategy, full_sample_prob=p)
+    x0, y = torch.randn(6, 2, 8, 8), torch.tensor([0, 1, 2, 3, 4, 0])
+    reads = _HostReads(monkeypatch)
+    random.seed(1)
+    with reads.mode:
+        for _ in range(2):
+            obj(model, teacher, x0, y).total.backward()
+    assert reads.events == []
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5, 1.0])
+def test_dual_time_step_runs_on_fake_cuda_tensors(p):
+    # FakeTensorMode raises on any data-dependent shape or value read and on a CPU tensor mixed
+    # into a CUDA op: the step (both forwards) is sync-free and device-clean without a GPU.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.func import functional_call
+
+    model, teacher = tiny(use_head=True), tiny()
+    random.seed(2)
+    for strategy in ("self_flow", "same", "sra"):
+        obj = _objective(teacher_t=strategy, full_sample_prob=p)
+        with FakeTensorMode() as mode:
+            def fake(m):
+                state = {k: mode.from_tensor(v).to("cuda")
+                         for k, v in [*m.named_parameters(), *m.named_buffers()]}
+                return lambda *a, **k: functional_call(m, state, a, k)
+
+            x0 = torch.empty(6, 2, 8, 8, device="cuda")
+            out = obj(fake(model), fake(teacher), x0, torch.zeros(6, dtype=torch.long, device="cuda"))
+            assert out.total.device.type == "cuda" and out.total.shape == ()
 
 
 def test_model_rejects_bad_group_inputs():

@@ -35,6 +35,12 @@ def per_token(mod: torch.Tensor, onehot: torch.Tensor | None) -> torch.Tensor:
     return torch.bmm(onehot.to(mod.dtype), mod)
 
 
+def group_onehot(ids: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """(N, T) group ids → (N, T, G) bool one-hot. A comparison, not ``F.one_hot``: that checks
+    the ids' range by reading them on the host (on CPU), which a training step must not do."""
+    return ids.unsqueeze(-1) == torch.arange(num_groups, device=ids.device)
+
+
 def timestep_frequencies(t: torch.Tensor, dim: int = FREQ_EMBED_DIM) -> torch.Tensor:
     """Sinusoidal embedding [cos(t·f), sin(t·f)] (cos first) of the raw time value, (N,) → (N, dim)."""
     half = dim // 2
@@ -98,6 +104,9 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(y)  # (N, D)
 
 
+Split = tuple[int, tuple[int, ...]]  # (num_full, sizes): see Attention.forward
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with optional qk-norm; SDPA unless ``fused`` is switched off."""
 
@@ -111,21 +120,45 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.fused = True  # False: explicit softmax(q·kᵀ/√d)·v, the release's non-fused path
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``mask``: optional bool (N, 1, T, T), True where token i may attend to token j."""
+    def forward(self, x: torch.Tensor, split: Split | None = None) -> torch.Tensor:
+        """``split`` = (K, sizes), attention separation on tokens already ordered by group: the
+        first K samples attend over all T tokens (full samples); every other sample's tokens
+        come as consecutive runs of ``sizes`` tokens, one run per group, each attending only
+        to itself. Each run is a dense slice, so no mask is needed (flash-eligible, Σ k² work)."""
         N, T, D = x.shape
         qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, H, T, d)
         q, k = self.q_norm(q), self.k_norm(k)
-        if self.fused:
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if split is None:
+            x = self._attend(q, k, v)
         else:
-            attn = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)  # (N, H, T, T)
-            if mask is not None:
-                attn = attn.masked_fill(~mask, float("-inf"))
-            x = attn.softmax(dim=-1) @ v
+            x = self._separated(q, k, v, *split)
         x = x.transpose(1, 2).reshape(N, T, D)  # merge heads
         return self.proj(x)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Every query over every key of its sample: (n, H, t, d) → (n, H, t, d)."""
+        if self.fused:
+            return F.scaled_dot_product_attention(q, k, v)
+        attn = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)  # (n, H, t, t)
+        return attn.softmax(dim=-1) @ v
+
+    def _separated(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_full: int,
+                   sizes: tuple[int, ...]) -> torch.Tensor:
+        """Attention within groups (see ``forward``); q, k, v (N, H, T, d) → (N, H, T, d)."""
+        rows = []
+        if num_full:  # full samples: one group of all T tokens
+            rows.append(self._attend(q[:num_full], k[:num_full], v[:num_full]))
+        if num_full < q.shape[0]:  # split samples: each group's run of tokens alone
+            runs, start = [], 0
+            for size in sizes:
+                if size:  # a group may be empty (e.g. r = 0.95, T = 10 gives [10, 0])
+                    run = slice(start, start + size)
+                    runs.append(self._attend(q[num_full:, :, run], k[num_full:, :, run],
+                                             v[num_full:, :, run]))  # (N − K, H, size, d)
+                start += size
+            rows.append(runs[0] if len(runs) == 1 else torch.cat(runs, dim=2))
+        return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
 
 
 class Mlp(nn.Module):
@@ -153,11 +186,12 @@ class Block(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, onehot: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        # x (N, T, D); c (N, D), or (N, G, D) with the groups one-hot (N, T, G); mask (N, 1, T, T)
+                split: Split | None = None) -> torch.Tensor:
+        # x (N, T, D); c (N, D), or (N, G, D) with the groups one-hot (N, T, G); split: see
+        # Attention.forward (tokens then come ordered by group)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = per_token(
             self.adaLN_modulation(c), onehot).chunk(6, dim=-1)  # each (N, 1 or T, D)
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), mask)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), split)
         x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 

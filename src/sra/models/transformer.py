@@ -9,6 +9,10 @@ Blocks are numbered from 1: "the tokens after block s" are ``features[s]``. ``fo
 any blocks' tokens and stop after the last one it needs (the SRA teacher never runs the blocks
 or the final layer it does not use). Nothing depends on ``train()``/``eval()``: label dropout
 lives in the objective, not here.
+
+Token groups (docs/method.md §9.2) condition every token on its group's time; with attention
+separation the tokens are reordered by group once per forward, attention runs on each group's
+contiguous run without a mask, and the order is restored for everything returned.
 """
 
 from __future__ import annotations
@@ -17,12 +21,13 @@ from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from sra.errors import SraError
 from sra.models.layers import (Block, FinalLayer, LabelEmbedder, PatchEmbed, ProjectorHead,
-                               RepaProjector, TimestepEmbedder, sincos_pos_embed_2d)
+                               RepaProjector, Split, TimestepEmbedder, group_onehot,
+                               sincos_pos_embed_2d)
 from sra.models.registry import ModelConfig
+
 
 class TransformerOutput(NamedTuple):
     """What ``forward`` returns: the prediction and the requested blocks' tokens (one return
@@ -30,6 +35,62 @@ class TransformerOutput(NamedTuple):
 
     output: torch.Tensor | None  # (N, C_out, H, W); None when stopped early
     features: dict[int, torch.Tensor]  # block number (1-indexed) → tokens (N, T, D)
+
+
+class TokenGroups(NamedTuple):
+    """A batch's token groups with what attention separation needs on the host, so that the
+    forward pass never reads a tensor back. A *split* sample has ``sizes[g]`` tokens in group g
+    (fixed per run); a *full* sample has all its tokens in one group."""
+
+    ids: torch.Tensor  # (N, T) int64: the group of every token
+    sizes: tuple[int, ...]  # tokens per group in a split sample (host ints)
+    num_full: int = 0  # how many samples are full (host int)
+    rows: torch.Tensor | None = None  # (N,) int64 batch order with the full samples first
+
+    @staticmethod
+    def from_ids(ids: torch.Tensor) -> "TokenGroups":
+        """Derive sizes and full samples from ``ids`` alone, for callers outside training.
+        Sync point: it reads the ids on the host."""
+        host = ids.cpu()  # sync point
+        full = (host == host[:, :1]).all(dim=1)  # (N,)
+        counts = {tuple(torch.bincount(row, minlength=int(host.max()) + 1).tolist())
+                  for row in host[~full]}
+        if len(counts) > 1:
+            raise SraError(f"attention separation needs the same group sizes in every sample "
+                           f"that is not one group; got {sorted(counts)}")
+        sizes = counts.pop() if counts else (ids.shape[1],)
+        rows = torch.argsort((~full).to(torch.int8), stable=True).to(ids.device)  # full first
+        return TokenGroups(ids, sizes, int(full.sum()), rows)
+
+
+class _Reorder(NamedTuple):
+    """Tokens ordered by group (full samples first) for attention separation, and back."""
+
+    index: torch.Tensor  # (N·T,) flat source position of each ordered token
+    inverse: torch.Tensor  # (N·T,) flat ordered position of each original token
+    rows: torch.Tensor | None  # (N,) the batch order, None when unchanged
+    ids: torch.Tensor  # (N, T) group ids in the new order
+    split: Split  # (num_full, sizes) for Attention
+
+    @staticmethod
+    def build(groups: TokenGroups) -> "_Reorder":
+        n, T = groups.ids.shape
+        rows = groups.rows if 0 < groups.num_full < n else None
+        if 0 < groups.num_full < n and rows is None:
+            raise SraError("token groups with full samples need rows: the batch order that "
+                           "puts the full samples first")
+        ids = groups.ids if rows is None else groups.ids.index_select(0, rows)  # (N, T)
+        tokens = ids.argsort(dim=1, stable=True)  # (N, T): each split sample's groups in runs
+        base = torch.arange(n, device=ids.device) if rows is None else rows  # (N,)
+        index = (base[:, None] * T + tokens).reshape(-1)  # (N·T,)
+        inverse = torch.empty_like(index).scatter_(
+            0, index, torch.arange(n * T, device=index.device))
+        return _Reorder(index, inverse, rows, ids.gather(1, tokens), (groups.num_full, groups.sizes))
+
+    @staticmethod
+    def take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """(N, T, K) tokens at the flat positions ``index`` → (N, T, K)."""
+        return x.reshape(-1, x.shape[-1]).index_select(0, index).view(x.shape)
 
 
 class DiffusionTransformer(nn.Module):
@@ -104,7 +165,7 @@ class DiffusionTransformer(nn.Module):
         self.config.check_blocks(blocks, what)
 
     def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                      groups: torch.Tensor | None = None) -> None:
+                      groups: torch.Tensor | None = None, sizes: tuple[int, ...] = ()) -> None:
         cfg = self.config
         want = (cfg.in_channels, cfg.input_size, cfg.input_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != want:
@@ -120,6 +181,9 @@ class DiffusionTransformer(nn.Module):
             if t.dim() != 2 or t.shape[0] != n:
                 raise SraError(f"with token groups, t must be (N, G) = one time per group; "
                                f"got {tuple(t.shape)}")
+            if sizes and (sum(sizes) != cfg.num_tokens or len(sizes) > t.shape[1]):
+                raise SraError(f"group sizes {list(sizes)} must sum to {cfg.num_tokens} tokens "
+                               f"with at most {t.shape[1]} groups (one time each)")
         elif t.shape != (n,):
             raise SraError(f"t must have shape ({n},) like the batch; got {tuple(t.shape)}")
         if y.shape != (n,):
@@ -132,7 +196,7 @@ class DiffusionTransformer(nn.Module):
         t: torch.Tensor,
         y: torch.Tensor,
         *,
-        groups: torch.Tensor | None = None,
+        groups: torch.Tensor | TokenGroups | None = None,
         separate: bool = False,
         return_blocks: Sequence[int] = (),
         stop_after: int | None = None,
@@ -146,7 +210,9 @@ class DiffusionTransformer(nn.Module):
             y: (N,) labels in 0..num_classes (num_classes = null label).
             groups: (N, T) int64, the group 0..G−1 of every token (dual-time scheduling): each
                 token is conditioned on its group's time. No new weights: with one group this is
-                exactly the plain model.
+                exactly the plain model. A :class:`TokenGroups` carries the same ids plus the
+                host-side sizes attention separation needs (training passes one; a bare tensor
+                with ``separate`` costs one host read).
             separate: attention separation: a token attends only to tokens of its own group.
             return_blocks: block numbers (1-indexed) whose output tokens (N, T, D) to return.
             stop_after: run only blocks 1..stop_after and skip the final layer (output None).
@@ -156,7 +222,8 @@ class DiffusionTransformer(nn.Module):
             ``stop_after``), ``features`` {block: tokens (N, T, D)} for ``return_blocks``
             ((N, T, E) through a REPA head).
         """
-        self._check_inputs(x, t, y, groups)
+        ids = groups.ids if isinstance(groups, TokenGroups) else groups
+        self._check_inputs(x, t, y, ids, groups.sizes if isinstance(groups, TokenGroups) else ())
         if separate and groups is None:
             raise SraError("attention separation needs token groups")
         wanted = tuple(return_blocks)
@@ -168,25 +235,32 @@ class DiffusionTransformer(nn.Module):
         if project and self.ap_head is None:
             raise SraError("project=True needs a projector head, but this model was built without it")
 
-        h = self.x_embedder(x) + self.pos_embed  # (N, T, D)
-        if groups is None:
+        h = self.x_embedder(x) + self.pos_embed  # (N, T, D), position added in the image's order
+        if ids is None:
             c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
         else:  # one conditioning per group: (N, G, D)
             n, g = t.shape
             c = self.t_embedder(t.reshape(-1)).view(n, g, -1) + self.y_embedder(y).unsqueeze(1)
-        mask = onehot = None
-        if groups is not None:
-            onehot = F.one_hot(groups, t.shape[1])  # (N, T, G)
-        if separate:  # (N, 1, T, T): True within a group
-            mask = (groups.unsqueeze(2) == groups.unsqueeze(1)).unsqueeze(1)
+        order = None
+        if separate:
+            tg = groups if isinstance(groups, TokenGroups) else TokenGroups.from_ids(ids)
+            if tg.num_full < ids.shape[0]:  # all samples full: plain attention, nothing to move
+                order = _Reorder.build(tg)
+                h = _Reorder.take(h, order.index)  # one gather: tokens in runs by group
+                if order.rows is not None:
+                    c = c.index_select(0, order.rows)  # (N, G, D) follows its samples
+                ids = order.ids
+        onehot = None if ids is None else group_onehot(ids, t.shape[1])  # (N, T, G)
+        split = None if order is None else order.split
+        restore = (lambda z: z) if order is None else (lambda z: _Reorder.take(z, order.inverse))
         features: dict[int, torch.Tensor] = {}
         for i, block in enumerate(self.blocks[:last], start=1):
-            h = block(h, c, onehot, mask)
+            h = block(h, c, onehot, split)
             if i in wanted:
-                features[i] = self.ap_head(h) if project else h
+                features[i] = self.ap_head(restore(h)) if project else restore(h)
         out = None
         if stop_after is None:
-            out = self.unpatchify(self.final_layer(h, c, onehot))  # (N, C_out, H, W)
+            out = self.unpatchify(restore(self.final_layer(h, c, onehot)))  # (N, C_out, H, W)
         return TransformerOutput(out, features)
 
 
