@@ -77,6 +77,14 @@ FLAGS: list[tuple[list[str], str, object, str]] = [
     (["--self-flow-clean-compat"], "groups.self_flow_clean_compat", str2bool,
      "reproduce the reference code's self_flow + teacher-mask quirk (groups ≥ 1 see the clean "
      "latent)"),
+    (["--full-sample-group"], "groups.full_sample_group", int,
+     "token groups: the group a full sample's tokens join: 0 (ours) | 1 (the reference code)"),
+    (["--self-flow-tau-all-groups"], "groups.self_flow_tau_all_groups", str2bool,
+     "token groups: self_flow's τ = min over every group's time, also for a full sample (the "
+     "reference code; default: over the groups the sample has)"),
+    (["--teacher-undropped-labels"], "groups.teacher_undropped_labels", str2bool,
+     "token groups: the teacher sees the labels before label dropout (the reference code; "
+     "default: the student's labels, as in SRA)"),
     (["--path-type"], "flow.path_type", str, "SiT interpolant: linear | cosine"),
     (["--prediction"], "flow.prediction", str, "SiT prediction target: v"),
     (["--weighting"], "flow.weighting", str, "SiT time sampler: uniform | lognormal"),
