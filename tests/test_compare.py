@@ -10,7 +10,7 @@ import torch
 
 from sra.cli import main
 from sra.compare import compare
-from sra.compare.runs import compute_at, read_run
+from sra.compare.runs import compute_at, metric_points, read_run
 from sra.compare.stats import interp, late_count
 from sra.errors import SraError
 
@@ -37,7 +37,8 @@ def write_run(root, name, seed, weight=0.5, evals=None, cost=1.0, max_steps=40, 
     last = max_steps if last is None else last
     recs = []
     for step in range(5, last + 1, 5):
-        recs.append({"step": step, "loss": 1.0 / step, "images_seen": 32 * step,
+        recs.append({"step": step, "loss": 1.0 / step,
+                     "images_seen": cfg["loop"]["global_batch_size"] * step,
                      **({"compute_s": cost * step} if compute else {})})
         if step in (evals or {}):
             q = {"step": step, metric: evals[step], "fid_samples": samples, "fid_seconds": 1.0}
@@ -114,6 +115,22 @@ def test_equal_compute_is_interpolated_and_never_extrapolated(two_arms):
     assert interp([0, 10], [0, 1], 10.5) is None and interp([0, 10], [0, 1], 2.5) == 0.25
 
 
+def test_equal_images_when_the_batches_differ(tmp_path):
+    dirs = [write_run(tmp_path, f"van-s{s}", s, 0.0, BASE[s]) for s in range(3)]
+    dirs += [write_run(tmp_path, f"big-s{s}", s, 0.0, ARM[s], loop__global_batch_size=64)
+             for s in range(3)]
+    dirs[3].joinpath("metrics.jsonl").write_text(  # records without images_seen: step × batch
+        "".join(line for line in dirs[3].joinpath("metrics.jsonl").read_text().splitlines(True)
+                if "loss" not in line))
+    cmp = compare(dirs)
+    t = cmp.tables["images"]
+    assert t.x == [320.0, 640.0, 960.0, 1280.0]  # the baseline's 32 images per step
+    big = {seed: vals for seed, _, vals in t.values["loop.global_batch_size=64"]}
+    # 640 images = step 10 at 64 per step; 960 = step 15, between its evaluations at 10 and 20
+    assert big[0] == [None, 3.0, 5.0, 7.0] and big[1] == [None, 4.0, 6.0, 8.0]
+    assert "images" not in compare(dirs[:3]).tables  # one batch size: images = steps × 32
+
+
 def test_compute_from_neighbouring_log_records(tmp_path):
     run = read_run(write_run(tmp_path, "r", 0, 0.0, {12: 1.0}, cost=1.1, last=20))
     assert compute_at(run, 12) == pytest.approx(13.2)  # between the records at steps 10 and 15
@@ -134,6 +151,15 @@ def test_run_still_training_and_runs_without_the_metric(tmp_path):
     assert [x.split(":")[0] for x in cmp.left_out] == [str(dirs[-1]), str(empty)]
     with pytest.raises(SraError, match="not a run directory"):
         compare([tmp_path / "nowhere"])
+
+
+def test_eval_digits_adds_the_end_of_run_point_when_measured_alike(tmp_path):
+    run = write_run(tmp_path, "r", 0, 0.0, {10: 3.0, 20: 2.0}, max_steps=25)
+    ev = {"step": 25, "num_samples": 500, "fd": 1.5, "acc": 0.9, "n": 500}
+    (run / "eval_digits.json").write_text(json.dumps(ev))
+    assert [p.value for p in metric_points(read_run(run), "digits_fd")] == [3.0, 2.0, 1.5]
+    (run / "eval_digits.json").write_text(json.dumps({**ev, "num_samples": 40}))
+    assert [p.step for p in metric_points(read_run(run), "digits_fd")] == [10, 20]  # another count
 
 
 def test_a_metric_measured_differently_is_one_line(tmp_path, capsys):
@@ -162,6 +188,10 @@ def test_naming_baseline_sizes_and_metric_choice(tmp_path):
     assert wide.baseline.runs[0].name == str(dirs[2])
     with pytest.raises(SraError, match="allowed: model.hidden_size=32, model.hidden_size=64"):
         compare(dirs, metric="digits_acc", baseline="nope")
+    with pytest.raises(SraError, match="loop.log_every: its value differs within one arm"):
+        compare(dirs, metric="digits_acc", name_by=["loop.log_every"])  # 5 + seed
+    with pytest.raises(SraError, match="--name-by nope: no such config key"):
+        compare(dirs, metric="digits_acc", name_by=["nope"])
     with pytest.raises(SraError, match="no run has 'fid' records; allowed: .*digits_acc"):
         compare(dirs, metric="fid")
 
@@ -178,8 +208,17 @@ def test_without_compute_the_axis_is_unavailable_and_outputs_are_written(tmp_pat
     assert steps["delta"][0] == {"mean": -1.0, "se": None, "n": 1, "n_baseline": 1,
                                  "paired": True, "mark": ""}  # 3 − 4: one pair, no SE
     md = (out / "compare.md").read_text()
-    assert "| 10 | 5.00 ± 1.00 | 3.000 |" in md and "Unavailable:" in md
+    assert "| 10 | 320 | 5.00 ± 1.00 | 3.000 |" in md and "Unavailable:" in md
     assert (out / "compare.png").stat().st_size > 1000
+
+
+def test_every_flag_is_documented(capsys):
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("RUN_DIR", "--metric", "--baseline", "--name-by", "--late", "--out"):
+        assert flag in text
+    assert "compare.md, compare.json and compare.png" in text
 
 
 # -- end to end on real runs ----------------------------------------------------------------------
@@ -202,8 +241,10 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_cli_on_three_tiny_real_runs(tmp_path, capsys, one_thread):
+def test_cli_on_three_tiny_real_runs(tmp_path, capsys, monkeypatch, one_thread):
     """Two seeds of SRA and one vanilla run; compute_s comes from `sra train` itself."""
+    # Each run's own curves.png (1–4 s of matplotlib a run here) is not what is tested.
+    monkeypatch.setattr("sra.viz.curves.plot_curves", lambda *a, **k: None)
     runs = []
     for name, flags in (("sra-s0", ["--seed", "0"]), ("sra-s1", ["--seed", "1"]),
                         ("van-s0", ["--seed", "0", "--vanilla"])):

@@ -3,8 +3,14 @@ equal steps and at equal compute, beyond the seed noise?
 
 Runs whose resolved configs differ only in the seed and in run-local fields (output dir, exp
 name, logging, checkpoint and evaluation cadence, number of processes) form one arm; arms are
-named by the config keys that differ between them (e.g. align.enabled=false). Writes
-compare.md, compare.json and compare.png into --out and prints the tables.
+named by the config keys that differ between them (e.g. align.enabled=false). Per arm: the
+metric at each evaluation step all runs share, mean ± SE over seeds; Δ vs the baseline, paired
+by seed when the baseline has each of the arm's seeds, else Welch, bold where |Δ| > 2 SE; the
+same at equal compute (the compute_s of the metrics records; linear between evaluations, never
+extrapolated) and, when batch sizes differ, at equal images seen; the late-window mean; the
+compute per step × the baseline's. Writes compare.md, compare.json and compare.png into --out
+and prints the tables. A metric measured differently (--fid-ref, --fid-sampler, --fid-samples)
+is an error; arms of different model or data sizes are a warning.
 
     sra compare runs/vanilla-s0 runs/vanilla-s1 runs/sra-s0 runs/sra-s1 --out reports/
     sra compare runs/*/ --metric digits_acc --name-by exp_name --late 0.5

@@ -31,6 +31,7 @@ class AxisTable:
     unit: str
     steps: list[int]  # the (baseline's) evaluation steps behind the grid
     x: list[float]
+    images: list[int | None] = field(default_factory=list)  # the baseline's images seen there
     values: dict[str, list[tuple[int | None, str, list[float | None]]]] = field(default_factory=dict)
     mean: dict[str, list[Estimate]] = field(default_factory=dict)
     delta: dict[str, list[Delta]] = field(default_factory=dict)
@@ -98,8 +99,12 @@ def axis_table(axis: str, unit: str, arms: Sequence[Arm], baseline: Arm, steps: 
         grid.append(est.mean)
     keep = [i for i, g in enumerate(grid) if g == g]  # steps the axis has a value for
     t = AxisTable(axis, unit, [steps[i] for i in keep], [grid[i] for i in keep])
-    if not t.x:
+    t.images = [images_at(baseline.runs[0], s) for s in t.steps]
+    if not steps:
+        t.unavailable = f"the runs of the baseline {baseline.name!r} share no evaluation step"
+    elif not t.x:
         t.unavailable = f"the baseline {baseline.name!r} has no {axis} at its evaluations"
+    if t.unavailable:
         return t
     for arm in arms:
         t.values[arm.name] = [(r.seed, r.name, _run_values(arm, r, metric, xfun, t.x))

@@ -21,7 +21,8 @@ RUN_LOCAL = ("output_dir", "exp_name", "loop.seed", "loop.report_to", "loop.log_
              "loop.checkpoint_steps", "loop.keep_last", "loop.milestone_steps",
              "loop.sample_steps", "loop.grid_samples", "loop.grid_sampler", "loop.eval_digits",
              "loop.eval_samples", "loop.max_train_steps", "loop.compile",
-             "loop.max_consecutive_skips", "loop.gradient_accumulation_steps", "data.num_workers",
+             "loop.max_consecutive_skips", "loop.gradient_accumulation_steps", "loop.dist_timeout",
+             "data.num_workers",
              "model.fused_attn", "fid", "num_processes", "micro_batch_per_process", "compute_unit")
 # Resolved from other fields (the data's shape, whether a head exists): they differ only when
 # those do, so an arm's name leaves them out unless nothing else differs.

@@ -81,11 +81,14 @@ def compare(run_dirs: Sequence[str | Path], metric: str | None = None, baseline:
 def _compute_table(cmp: Comparison, base_steps: list[int]) -> AxisTable:
     """The equal-compute table, the cost per step of each arm and the runs without compute."""
     unit = cmp.compute_unit
+    runs = [r for a in cmp.arms for r in a.runs]
+    without = [r.name for r in runs if cost_per_step(r) is None]
+    if without:
+        cmp.notes.append(f"no compute_s in the records of {', '.join(without)}: no compute axis "
+                         f"for {'them' if len(without) > 1 else 'it'}")
     for arm in cmp.arms:
         for r in arm.runs:
-            if cost_per_step(r) is None:
-                cmp.notes.append(f"{r.name}: no compute_s in its records: no compute axis for it")
-            elif r.compute_unit != unit:
+            if cost_per_step(r) is not None and r.compute_unit != unit:
                 cmp.warnings.append(f"{r.name} measures compute in {r.compute_unit}, the baseline "
                                     f"in {unit}: no equal-compute values for it")
         cmp.cost[arm.name] = mean_se([cost_per_step(r) for r in arm.runs if r.compute_unit == unit])

@@ -85,12 +85,15 @@ def _axis(cmp: Comparison, t: AxisTable) -> list[str]:
     if t.unavailable:
         return lines + [f"Unavailable: {t.unavailable}.", ""]
     names = [a.name for a in cmp.arms]
-    head = "| step |" if t.axis == "steps" else f"| baseline step | {t.unit} |"
+    extra = t.axis == "compute"  # the compute column; the images axis is the images column
+    head = ("| step | images seen |" if t.axis == "steps" else "| baseline step | images seen |"
+            ) + (f" {t.unit} |" if extra else "")
     lines += [head + "".join(f" `{n}` |" for n in names),
-              "|---|" + "---|" * (len(names) + (t.axis != "steps"))]
+              "|---|---|" + "---|" * (len(names) + extra)]
     for i, s in enumerate(t.steps):
-        x = "" if t.axis == "steps" else f" {t.x[i]:.4g} |"
-        lines.append(f"| {s} |{x}" + "".join(f" {fmt_est(t.mean[n][i])} |" for n in names))
+        x = f" {t.x[i]:.4g} |" if extra else ""
+        images = "–" if t.images[i] is None else t.images[i]
+        lines.append(f"| {s} | {images} |{x}" + "".join(f" {fmt_est(t.mean[n][i])} |" for n in names))
     others = [n for n in names if n != cmp.baseline.name]
     if others:
         lines += ["", "Δ vs the baseline:", "", "| step |" + "".join(f" `{n}` |" for n in others),
@@ -127,7 +130,7 @@ def _delta(d: Delta | None) -> dict | None:
 
 
 def _table_json(t: AxisTable) -> dict[str, Any]:
-    return {"unit": t.unit, "steps": t.steps, "x": [_num(x) for x in t.x],
+    return {"unit": t.unit, "steps": t.steps, "images_seen": t.images, "x": [_num(x) for x in t.x],
             "late_steps": [t.steps[i] for i in t.late], "unavailable": t.unavailable or None,
             "arms": {name: {"mean": [_est(e) for e in t.mean[name]],
                             "delta": [_delta(d) for d in t.delta.get(name, [])] or None,

@@ -48,6 +48,8 @@ class Run:
     records: list[dict]
     eval_digits: dict | None = None
     notes: list[str] = field(default_factory=list)
+    # what the functions below derive from the records, once per run (runs can hold 10⁵ records)
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -116,30 +118,37 @@ def metric_names(run: Run) -> set[str]:
 
 def metric_points(run: Run, metric: str) -> list[Point]:
     """The run's evaluations of ``metric``, ascending by step (a step logged twice keeps its
-    last record). ``eval_digits.json`` adds its end-of-run point
-    when no record holds that step."""
+    last record). ``eval_digits.json`` (the same probe as ``--fid-every``, with
+    ``--eval-samples`` samples) adds its end-of-run point when no record holds that step and it
+    scored as many samples as the records — another count would be another measurement."""
+    key = ("points", metric)
+    if key in run.cache:
+        return run.cache[key]
     by_step: dict[int, Point] = {}
     for r in run.records:
         if "step" in r and _number(r.get(metric)):
             by_step[int(r["step"])] = Point(int(r["step"]), float(r[metric]), r.get("fid_samples"))
     ev = run.eval_digits or {}
-    key = next((k for k, m in EVAL_DIGITS_KEYS.items() if m == metric), None)
-    if key and _number(ev.get(key)) and isinstance(ev.get("step"), int) and ev["step"] not in by_step:
-        # the same probe as --fid-every (its sampler and seed), with --eval-samples samples
-        by_step[ev["step"]] = Point(ev["step"], float(ev[key]), ev.get("num_samples"))
-    return [by_step[s] for s in sorted(by_step)]
+    name = next((k for k, m in EVAL_DIGITS_KEYS.items() if m == metric), None)
+    counts = {p.samples for p in by_step.values()}
+    if (name and _number(ev.get(name)) and isinstance(ev.get("step"), int)
+            and ev["step"] not in by_step and (not counts or ev.get("num_samples") in counts)):
+        by_step[ev["step"]] = Point(ev["step"], float(ev[name]), ev.get("num_samples"))
+    run.cache[key] = [by_step[s] for s in sorted(by_step)]
+    return run.cache[key]
 
 
 def compute_curve(run: Run) -> tuple[list[int], list[float]] | None:
     """(steps, cumulative compute_s) from every record that has it, anchored at (0, 0); None
     when no record has compute (the compute axis is then unavailable for the run)."""
-    pts = {int(r["step"]): float(r["compute_s"]) for r in run.records
-           if "step" in r and _number(r.get("compute_s"))}
-    if not pts:
-        return None
-    pts.setdefault(0, 0.0)  # no training compute has been spent before the first step
-    steps = sorted(pts)
-    return steps, [pts[s] for s in steps]
+    if "compute" not in run.cache:
+        pts = {int(r["step"]): float(r["compute_s"]) for r in run.records
+               if "step" in r and _number(r.get("compute_s"))}
+        if pts:
+            pts.setdefault(0, 0.0)  # no training compute has been spent before the first step
+        steps = sorted(pts)
+        run.cache["compute"] = (steps, [pts[s] for s in steps]) if pts else None
+    return run.cache["compute"]
 
 
 def compute_at(run: Run, step: int) -> float | None:
@@ -159,8 +168,10 @@ def cost_per_step(run: Run) -> float | None:
 
 def images_at(run: Run, step: int) -> int | None:
     """Images seen by ``step``: a record's ``images_seen`` there, else step × global batch."""
-    for r in run.records:
-        if r.get("step") == step and _number(r.get("images_seen")):
-            return int(r["images_seen"])
+    if "images" not in run.cache:
+        run.cache["images"] = {int(r["step"]): int(r["images_seen"]) for r in run.records
+                               if "step" in r and _number(r.get("images_seen"))}
+    if step in run.cache["images"]:
+        return run.cache["images"][step]
     batch = (run.config.get("loop") or {}).get("global_batch_size")
     return step * int(batch) if batch else None

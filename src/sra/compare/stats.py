@@ -4,6 +4,7 @@ and the late window. Pure functions of numbers; no file or config is read here."
 
 from __future__ import annotations
 
+import bisect
 import math
 import statistics
 from dataclasses import dataclass
@@ -92,11 +93,12 @@ def interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float | None:
     tol = 1e-9 * max(1.0, abs(xs[-1]))
     if x < xs[0] - tol or x > xs[-1] + tol:
         return None
-    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
-        if x <= x1 + tol:
-            w = 0.0 if x1 == x0 else min(max((x - x0) / (x1 - x0), 0.0), 1.0)
-            return y0 + w * (y1 - y0)
-    return float(ys[-1])  # one point, x equal to it
+    i = min(max(bisect.bisect_left(xs, x - tol), 1), len(xs) - 1)  # xs[i-1] < x ≤ xs[i]
+    if len(xs) == 1:
+        return float(ys[0])
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    w = 0.0 if x1 == x0 else min(max((x - x0) / (x1 - x0), 0.0), 1.0)
+    return y0 + w * (y1 - y0)
 
 
 def late_count(n: int, fraction: float) -> int:
