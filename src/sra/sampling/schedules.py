@@ -1,13 +1,15 @@
 """The solvers' time grids, built in one place: a new grid is a new function here, not a solver edit.
 
 Flow grids (SiT) are lists of times from t = 1 (noise) to the end time, as Python floats taken
-from a float64 ``linspace`` (the solvers do their step arithmetic with them). The DDPM grid
-(DiT) is the 1000-step schedule respaced to the wanted step count: its ``timestep_map`` holds
-the original steps it keeps, and the solvers walk all of its steps from the last to 0.
+from a float64 ``linspace`` (the solvers do their step arithmetic with them), built on the host
+once per grid and reused. The DDPM grid (DiT) is the 1000-step schedule respaced to the wanted
+step count: its ``timestep_map`` holds the original steps it keeps, and the solvers walk all of
+its steps from the last to 0.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -19,15 +21,22 @@ if TYPE_CHECKING:
     from sra.diffusion.schedule import DDPMConfig
 
 
+@functools.lru_cache(maxsize=64)
+def _linspace(start: float, end: float, n: int) -> tuple[float, ...]:
+    """torch's float64 linspace as host floats, computed once per (start, end, n): a job builds
+    its grid once whatever its number of batches, and its steps never touch a tensor for it."""
+    return tuple(torch.linspace(start, end, n, dtype=torch.float64).tolist())
+
+
 def ode_times(steps: int, end: float = 0.0) -> list[float]:
     """Uniform grid 1 → ``end`` with ``steps`` steps (steps + 1 times)."""
-    return torch.linspace(1.0, end, steps + 1, dtype=torch.float64).tolist()
+    return list(_linspace(1.0, float(end), int(steps) + 1))
 
 
 def sde_times(steps: int, last_t: float) -> list[float]:
     """linspace(1, last_t, steps) then 0: steps − 1 Euler–Maruyama steps and a final mean step to 0
     (steps + 1 times)."""
-    return torch.linspace(1.0, last_t, steps, dtype=torch.float64).tolist() + [0.0]
+    return list(_linspace(1.0, float(last_t), int(steps))) + [0.0]
 
 
 def ddpm_schedule(steps: int | str | Sequence[int], base: "DDPMConfig | None" = None) -> "GaussianDiffusion":
