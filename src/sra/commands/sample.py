@@ -21,6 +21,7 @@ _FORMATS = {"npz": ("npz",), "png": ("png",), "both": ("png", "npz")}
 
 def register(subparsers) -> None:
     """Add ``sra sample``."""
+    from sra.commands._args import str2bool
     from sra.diffusion.paths import PATHS
     from sra.sampling.config import MODES, PRESETS
     from sra.sampling.decode import DATA_KINDS, ROUNDINGS
@@ -70,7 +71,15 @@ def register(subparsers) -> None:
     g.add_argument("--state-dtype", choices=("float32", "float64"), default=None,
                    help="dtype of the solver state (float64 like the release)")
     g.add_argument("--mixed-precision", choices=tuple(MIXED_PRECISIONS), default=None,
-                   help="autocast the network (default: $ACCELERATE_MIXED_PRECISION or 'no')")
+                   help="autocast the network (default: $ACCELERATE_MIXED_PRECISION or 'no': fp32 "
+                   "weights and activations, the paper's setting); bf16 is faster and changes "
+                   "samples by a little (see the README's FID-50K part for the measured effect)")
+    g.add_argument("--allow-tf32", "--tf32", dest="allow_tf32", type=str2bool, nargs="?", const=True,
+                   default=True, metavar="BOOL",
+                   help="on a GPU, TF32 matmuls and convolutions for the fp32 network, as the "
+                   "release's generate.py does (default: true); false or --no-tf32: full fp32")
+    g.add_argument("--no-tf32", dest="allow_tf32", action="store_false",
+                   help="the release's flag for --allow-tf32 false")
 
     g = p.add_argument_group("samples")
     g.add_argument("--num-samples", "--num-fid-samples", dest="num_samples", type=int,
@@ -120,6 +129,15 @@ def sampler_overrides(args: argparse.Namespace) -> dict:
     return {k: v for k, v in over.items() if v is not None}
 
 
+def set_tf32(enabled: bool) -> None:
+    """TF32 for CUDA matmuls and cuDNN convolutions (the network and the VAE); ``sra eval``'s
+    Inception turns it off around itself, so FID features stay fp32 either way."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
     from accelerate import PartialState
@@ -140,6 +158,8 @@ def run(args: argparse.Namespace) -> int:
         grid_size=args.grid_size, progress=not args.no_progress,
     )
     cpu = args.cpu or parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+    if not cpu:
+        set_tf32(args.allow_tf32)
     state = PartialState(cpu=cpu)
     path = run_sampling(job, state, write_grid=save_grid)
     if state.is_main_process:
