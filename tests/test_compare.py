@@ -104,6 +104,10 @@ def test_equal_compute_is_interpolated_and_never_extrapolated(two_arms):
     t = cmp.tables["compute"]
     assert not t.unavailable and t.x == [10.0, 20.0, 30.0, 40.0]  # vanilla's compute at its evals
     assert cmp.cost["align.weight=0.5"].mean == pytest.approx(2.0)
+    from sra.compare.report import markdown, to_json
+
+    assert to_json(cmp)["arms"][0]["cost_ratio"] == pytest.approx(2.0)
+    assert "| `align.weight=0.5` | 3 | 0, 1, 2 | 2.00 ± 0.00 | 2.00 |" in markdown(cmp)
     sra = {seed: vals for seed, _, vals in t.values["align.weight=0.5"]}
     # compute 10 = SRA step 5, before its first evaluation: no value; 20 = its step 10;
     # 30 = step 15, halfway between steps 10 and 20; 40 = step 20

@@ -51,16 +51,21 @@ def fmt_delta(d: Delta | None) -> str:
 
 def _header(cmp: Comparison) -> list[str]:
     better = "lower" if cmp.lower_is_better else "higher"
-    steps = cmp.tables["steps"]
-    late = (f"the last {len(steps.late)} of {len(steps.x)} common evaluations (steps "
-            f"{', '.join(str(steps.steps[i]) for i in steps.late)})" if steps.late else "–")
+    f = f"{cmp.late_fraction:.3g}"
+    late = f"the last ⌈{f}·n⌉ of a table's n evaluation points (`--late {f}`)"
     return [f"# sra compare: `{cmp.metric}` ({better} is better)", "",
             f"Baseline `{cmp.baseline.name}`. Mean ± standard error over seeds. Δ = arm − "
             f"baseline, paired by seed where the baseline has each of the arm's seeds, else "
             f"unpaired with Welch's SE (marked (W)); **bold ↓/↑**: |Δ| > {SIG_SE:g} SE (↓ lower, "
-            f"↑ higher than the baseline). Late: the mean over {late} (`--late "
-            f"{cmp.late_fraction:.3g}`). Values between evaluations are interpolated linearly, "
-            f"never extrapolated.", ""]
+            f"↑ higher than the baseline). Late: the mean over {late}. Values between "
+            f"evaluations are interpolated linearly, never extrapolated.", ""]
+
+
+def _ratio(cost: Estimate | None, base: Estimate | None) -> float | None:
+    """Compute per step × the baseline's (None where either is unmeasured)."""
+    if not (cost and cost.n and base and base.n and base.mean > 0):
+        return None
+    return cost.mean / base.mean
 
 
 def _arms(cmp: Comparison) -> list[str]:
@@ -71,8 +76,8 @@ def _arms(cmp: Comparison) -> list[str]:
              f"late Δ, equal steps | late Δ, equal compute |", "|---|---|---|---|---|---|---|---|"]
     for arm in cmp.arms:
         c = cmp.cost.get(arm.name)
-        ratio = (f"{c.mean / base_cost.mean:.2f}" if c and c.n and base_cost and base_cost.n
-                 and base_cost.mean > 0 else "–")
+        ratio = _ratio(c, base_cost)
+        ratio = "–" if ratio is None else f"{ratio:.2f}"
         lines.append(f"| `{arm.name}` | {len(arm.runs)} | {', '.join(map(str, arm.seeds))} | "
                      f"{fmt_est(c)} | {ratio} | {fmt_est(steps.late_mean.get(arm.name))} | "
                      f"{fmt_delta(steps.late_delta.get(arm.name))} | "
@@ -94,6 +99,10 @@ def _axis(cmp: Comparison, t: AxisTable) -> list[str]:
         x = f" {t.x[i]:.4g} |" if extra else ""
         images = "–" if t.images[i] is None else t.images[i]
         lines.append(f"| {s} | {images} |{x}" + "".join(f" {fmt_est(t.mean[n][i])} |" for n in names))
+    lines += ["", f"Late window: {'baseline ' if t.axis != 'steps' else ''}steps "
+              f"{', '.join(str(t.steps[i]) for i in t.late)}."
+              + (f" –: a run's evaluations do not reach that point on the {t.axis} axis "
+                 f"(never extrapolated)." if t.axis != "steps" else "")]
     others = [n for n in names if n != cmp.baseline.name]
     if others:
         lines += ["", "Δ vs the baseline:", "", "| step |" + "".join(f" `{n}` |" for n in others),
@@ -144,12 +153,14 @@ def _table_json(t: AxisTable) -> dict[str, Any]:
 def to_json(cmp: Comparison) -> dict[str, Any]:
     """The comparison as plain JSON data."""
     keys = differing_keys([a.config for a in cmp.arms])
+    base_cost = cmp.cost.get(cmp.baseline.name)
     return {"metric": cmp.metric, "lower_is_better": cmp.lower_is_better,
             "baseline": cmp.baseline.name, "late_fraction": cmp.late_fraction,
             "compute_unit": cmp.compute_unit,
             "arms": [{"name": a.name, "runs": [r.name for r in a.runs], "seeds": a.seeds,
                       "differs": {k: fmt_value(a.config.get(k)) for k in keys},
-                      "compute_per_step": _est(cmp.cost.get(a.name))} for a in cmp.arms],
+                      "compute_per_step": _est(cmp.cost.get(a.name)),
+                      "cost_ratio": _ratio(cmp.cost.get(a.name), base_cost)} for a in cmp.arms],
             "tables": {axis: _table_json(t) for axis, t in cmp.tables.items()},
             "warnings": cmp.warnings, "notes": cmp.notes, "left_out": cmp.left_out}
 
