@@ -21,6 +21,7 @@ from sra.compare.stats import Delta, Estimate
 
 # x of a run's evaluation at a step on one axis, None where the axis has no value for it
 XFun = Callable[[Arm, Run, int], "float | None"]
+Rows = list[tuple["int | None", str, list["float | None"]]]  # (seed, run name, value per point)
 
 
 @dataclass
@@ -32,7 +33,7 @@ class AxisTable:
     steps: list[int]  # the (baseline's) evaluation steps behind the grid
     x: list[float]
     images: list[int | None] = field(default_factory=list)  # the baseline's images seen there
-    values: dict[str, list[tuple[int | None, str, list[float | None]]]] = field(default_factory=dict)
+    values: dict[str, Rows] = field(default_factory=dict)
     mean: dict[str, list[Estimate]] = field(default_factory=dict)
     delta: dict[str, list[Delta]] = field(default_factory=dict)
     late: list[int] = field(default_factory=list)  # grid indices of the late window
@@ -48,10 +49,12 @@ def common_steps(runs: Sequence[Run], metric: str) -> list[int]:
 
 
 def step_x(arm: Arm, run: Run, step: int) -> float:
+    """x on the steps axis: the step itself."""
     return float(step)
 
 
 def images_x(arm: Arm, run: Run, step: int) -> float | None:
+    """x on the images axis: the images the run had seen by the step."""
     n = images_at(run, step)
     return None if n is None else float(n)
 
@@ -84,6 +87,7 @@ def compute_xfun(arms: Sequence[Arm], unit: str | None, metric: str) -> XFun:
 
 
 def _run_values(arm: Arm, run: Run, metric: str, xfun: XFun, grid: Sequence[float]) -> list[float | None]:
+    """The run's metric at each grid x, interpolated on the axis between its evaluations."""
     pts = [(xfun(arm, run, p.step), p.value) for p in metric_points(run, metric)]
     pts = sorted((x, v) for x, v in pts if x is not None)
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
@@ -125,10 +129,11 @@ def axis_table(axis: str, unit: str, arms: Sequence[Arm], baseline: Arm, steps: 
     return t
 
 
-def _present(rows, i: int) -> list[tuple[int | None, float]]:
+def _present(rows: Rows, i: int) -> list[tuple[int | None, float]]:
     """(seed, value) at grid point i for the runs that have a value there."""
     return [(seed, v[i]) for seed, _, v in rows if v[i] is not None]
 
 
-def _drop_none(pairs):
+def _drop_none(pairs: list[tuple[int | None, float | None]]) -> list[tuple[int | None, float]]:
+    """The (seed, value) pairs that have a value."""
     return [(s, v) for s, v in pairs if v is not None]
