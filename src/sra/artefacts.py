@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sra.errors import SraError, first_line
+from sra.oserrors import as_write_error, writing
 
 CACHE_ENV = "SRA_CACHE_DIR"
 OFFLINE_ENVS = ("SRA_OFFLINE", "HF_HUB_OFFLINE")
@@ -157,7 +158,10 @@ def _fetch_hf(url: str, what: str) -> Path:
                        f"({first_line(cause, with_type=True)})") from None
     except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as exc:
         raise SraError(f"{what} {url}: not found on the Hub ({type(exc).__name__})") from None
-    except (OSError, ValueError) as exc:  # network errors, HTTP errors
+    except (OSError, ValueError) as exc:  # network errors, HTTP errors, a full cache disk
+        refused = as_write_error(exc, getattr(exc, "filename", None) or hf_cache_dir())
+        if refused is not None:
+            raise refused from None
         raise SraError(f"{what} {url}: download failed ({first_line(exc, with_type=True)})") from None
 
 
@@ -175,12 +179,17 @@ def _fetch_url(url: str, what: str, art: Artefact | None) -> Path:
     if offline():
         raise SraError(f"{what} {url}: not in the cache ({target}) and downloads are off (offline)")
     part = target.with_name(target.name + ".part")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    with writing(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
     try:
         _download(url, part)
     except urllib.error.HTTPError as exc:
         raise SraError(f"{what} {url}: HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, OSError) as exc:
+        refused = as_write_error(exc, target)
+        if refused is not None:  # a full or read-only disk: the partial file only takes space
+            part.unlink(missing_ok=True)
+            raise refused from None
         reason = getattr(exc, "reason", exc)
         raise SraError(f"{what} {url}: download failed ({first_line(str(reason)) or type(exc).__name__}); "
                        f"the partial file is kept and resumed next time") from None

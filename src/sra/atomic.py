@@ -2,7 +2,8 @@
 
 Every writer in the package goes through :func:`atomic_path`: write to a temporary file in the
 same folder (so the final ``os.replace`` is a rename on one file system), flush it to disk, then
-rename it over the target.
+rename it over the target. A write the OS refuses (disk full, read-only, …) raises
+:class:`sra.oserrors.WriteError` naming the target, with the temporary file removed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from sra.oserrors import writing
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
@@ -21,12 +24,14 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     removed. The parent folder is created if needed. ``suffix`` keeps libraries that insist on
     an extension (``np.savez`` adds ``.npz``) writing exactly where we say."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+        os.close(fd)
     try:
-        yield Path(tmp)
-        os.replace(tmp, path)
+        with writing(path):  # the free space is measured before the temporary file goes
+            yield Path(tmp)
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -10,6 +10,8 @@ from typing import Sequence
 from sra import __version__
 from sra.commands import COMMANDS
 from sra.errors import SraError
+from sra.oserrors import os_error_line
+from sra.runlock import release_all
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,9 +40,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SraError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
         print(f"sra {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a refused write no writer named (they raise WriteError, above)
+        line = os_error_line(exc)
+        if line is None:
+            raise
+        print(f"sra {args.command}: error: {line}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"sra {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        release_all()  # the command's directory locks end with it (sra.runlock)
     return int(result or 0)
 
 

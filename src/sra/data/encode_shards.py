@@ -14,6 +14,7 @@ import os
 import numpy as np
 import torch
 
+from sra.atomic import atomic_path
 from sra.data.crop import to_rgb
 from sra.data.encode_config import SKIPPED_FILE, EncodeConfig, progress_path, write_record
 from sra.data.formats import (
@@ -110,7 +111,8 @@ def encode_shard(
                         if folder not in made:
                             os.makedirs(folder, exist_ok=True)
                             made.add(folder)
-                        np.save(path, row)
+                        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                            np.save(f, row)  # never a half-written latent, even on a full disk
                 if writer is not None:
                     writer.append(moments)
                 record["index"].extend(int(x) for x in numbers)

@@ -18,6 +18,7 @@ an image (listed, never read). It is written atomically, also when a run fails o
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -29,11 +30,12 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from sra.atomic import atomic_write_json
+from sra.atomic import atomic_write_bytes, atomic_write_json
 from sra.data.crop import adm_center_crop
 from sra.data.formats import LABELS_FILE, VAE_DOWNSAMPLE, image_name
 from sra.data.sources import ImageSource, image_extensions, open_image_source
 from sra.errors import SraError, check_choice
+from sra.oserrors import writing
 
 log = logging.getLogger("sra.data")
 
@@ -200,12 +202,8 @@ class _DirSink:
         return os.path.isfile(os.path.join(self.root, name))
 
     def write(self, name: str, data: bytes) -> None:
-        path = os.path.join(self.root, name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = path + ".partial"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)  # atomic: a resumed run never sees half a PNG
+        # atomic: a resumed run never sees half a PNG, and a full disk leaves no partial file
+        atomic_write_bytes(os.path.join(self.root, name), data)
 
     def close(self) -> None:
         pass
@@ -214,18 +212,32 @@ class _DirSink:
 class _ZipSink:
     def __init__(self, dest: str):
         self.dest, self.tmp = dest, dest + ".partial"
-        os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-        self.zf = zipfile.ZipFile(self.tmp, "w", compression=zipfile.ZIP_STORED)
+        with writing(dest):
+            os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+            self.zf = zipfile.ZipFile(self.tmp, "w", compression=zipfile.ZIP_STORED)
 
     def exists(self, name: str) -> bool:
         return False
 
     def write(self, name: str, data: bytes) -> None:
-        self.zf.writestr(name, data)
+        with writing(self.dest):
+            self.zf.writestr(name, data)
 
     def close(self) -> None:
-        self.zf.close()
-        os.replace(self.tmp, self.dest)
+        try:
+            with writing(self.dest):
+                self.zf.close()  # writes the directory: a full disk may refuse only now
+                os.replace(self.tmp, self.dest)
+        except BaseException:
+            self.discard()
+            raise
+
+    def discard(self) -> None:
+        """Drop the half-written ZIP (closing it may fail again on a full disk)."""
+        with contextlib.suppress(OSError):
+            self.zf.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.tmp)
 
 
 def preprocess_images(cfg: ImagesConfig) -> ImagesReport:
@@ -293,8 +305,7 @@ def preprocess_images(cfg: ImagesConfig) -> ImagesReport:
                 bar.update(1)
     except BaseException:
         if to_zip:  # a half-written ZIP is useless; a folder keeps its finished files
-            sink.zf.close()  # type: ignore[union-attr]
-            os.remove(sink.tmp)  # type: ignore[union-attr]
+            sink.discard()  # type: ignore[union-attr]
         report.written = len(written) if not to_zip else 0
         _write_report(report, cfg, complete=False)  # what is known so far, for the next run
         raise
@@ -303,8 +314,7 @@ def preprocess_images(cfg: ImagesConfig) -> ImagesReport:
 
     if not written:
         if to_zip:
-            sink.zf.close()  # type: ignore[union-attr]
-            os.remove(sink.tmp)  # type: ignore[union-attr]
+            sink.discard()  # type: ignore[union-attr]
         where = _write_report(report, cfg, complete=False)
         raise SraError(f"none of the {len(source)} images in {cfg.source} could be used "
                        f"(first problem: {report.skipped[0][0]}: {report.skipped[0][1]})"

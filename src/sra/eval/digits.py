@@ -243,7 +243,7 @@ def load_digits_classifier(
     try:
         save_digits_classifier(model, path, cfg)
     except OSError as exc:  # an unwritable cache must not stop an evaluation
-        warnings.warn(f"could not cache the digit classifier at {path}: {exc}", RuntimeWarning)
+        warnings.warn(f"{exc}; the digit classifier is used without being cached", RuntimeWarning)
     return model
 
 

@@ -112,7 +112,7 @@ def save_cached(npz: Path, wid: str, acts: dict[str, np.ndarray]) -> Path | None
         with atomic_path(path, suffix=".tmp.npz") as tmp:  # np.savez insists on ".npz"
             np.savez(tmp, meta=np.array(json.dumps(_source_meta(npz, wid))), **acts)
     except OSError as exc:
-        warnings.warn(f"could not cache Inception activations at {path}: {exc}", RuntimeWarning)
+        warnings.warn(f"{exc}; the Inception activations are not cached", RuntimeWarning)
         return None
     return path
 

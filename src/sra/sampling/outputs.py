@@ -7,6 +7,7 @@ Layout::
     shards/batch-000000.npz     format npz | both: one per finished batch; removed once assembled
     samples.npz                 format npz | both: arr_0 uint8 (N, H, W, 3) (ADM suite), labels (N,)
     grid.png                    the first samples as one image (written by the caller's grid writer)
+    .sra-lock                   the job's directory lock (sra.runlock): one job per directory
 
 Every file is written to ``NAME.tmp`` and renamed into place, so a killed job leaves only
 complete files (and ``.tmp`` leftovers, removed at the end of the next run). A batch whose files
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 from sra.atomic import atomic_path, atomic_write_text
 from sra.data.adm_npz import write_adm_npz
 from sra.errors import SraError
+from sra.runlock import LOCK_NAME
 
 FORMAT = "sra-samples-v1"
 CONFIG_NAME = "sampling_config.json"
@@ -153,7 +155,7 @@ def check_output_dir(out: Path, identity: dict) -> dict | None:
     """The previous run's config if it matches; refuse foreign or different-config content."""
     prev = read_config(out)
     if prev is None:
-        if out.is_dir() and any(out.iterdir()):
+        if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()):
             raise SraError(f"output dir {out} is not empty and holds no {CONFIG_NAME}; "
                            "use a new or empty --output-dir")
         return None

@@ -32,6 +32,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from sra.errors import SraError
+from sra.runlock import hold
 from sra.sampling import outputs as O
 from sra.sampling.decode import ImageDecoder
 from sra.sampling.fixed import sample_batch
@@ -97,6 +98,7 @@ def run_sampling(job: SampleJobConfig, state=None, *, model: nn.Module | None = 
         "mixed_precision": job.mixed_precision,
         "vae": O.vae_id(decoder.vae_name) if data_info.kind == "moments" else None,
     })
+    hold(out, "sra sample", "--output-dir", state)  # one job per output dir (sra.runlock)
     prev = O.check_output_dir(out, identity)
     npz_complete = bool(prev and prev.get("complete") and (out / O.NPZ_NAME).is_file())
     want_png, want_npz = "png" in job.formats, "npz" in job.formats

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sra.atomic import atomic_path
+
 # The panels drawn, in order, when the run logged them.
 PANELS = (("loss", "total loss"), ("denoise", "denoising loss"), ("align", "alignment loss"),
           ("cosine", "student·target cosine"), ("grad_norm", "grad norm"), ("lr", "learning rate"),
@@ -58,6 +60,9 @@ def plot_curves(metrics_jsonl: str | Path, out_png: str | Path, title: str = "")
         fig.suptitle(title)
     fig.tight_layout()
     out = Path(out_png)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_path(out) as tmp:  # never a torn PNG, also on a full disk
+            fig.savefig(tmp, dpi=110, format=out.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return out

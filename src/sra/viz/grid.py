@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sra.atomic import atomic_path
 from sra.errors import SraError
 
 GRID_PADDING = 2  # pixels between tiles
@@ -64,6 +65,7 @@ def save_grid(images: np.ndarray | torch.Tensor, path: str | os.PathLike,
               nrow: int | None = None) -> Path:
     """Save a grid PNG of uint8 (N, H, W, 3) images or a float (N, C, H, W) tensor in [-1, 1]."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(make_grid(images, nrow)).save(path)
+    image = Image.fromarray(make_grid(images, nrow))
+    with atomic_path(path) as tmp:  # never a torn PNG, also on a full disk
+        image.save(tmp, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
     return path

@@ -8,6 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
+from sra.atomic import atomic_path
 from sra.errors import SraError
 
 CELL_INCHES = 1.2  # size of one map
@@ -73,6 +74,6 @@ def plot_pca_grid(
         sub.subplots_adjust(left=left / fig_w, right=1 - right / fig_w, top=1 - top / grid_h,
                             bottom=bottom / grid_h, wspace=0.06, hspace=0.06)
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=dpi)
+    with atomic_path(out_png) as tmp:  # never a torn figure, also on a full disk
+        fig.savefig(tmp, dpi=dpi, format=out_png.suffix.lstrip(".") or "png")
     return out_png

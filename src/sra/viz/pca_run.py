@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sra.atomic import atomic_path, atomic_write_text
 from sra.data.vae import DEFAULT_VAE
 from sra.devices import resolve_device
 from sra.errors import SraError, check_choice
@@ -72,7 +73,8 @@ def _write_arrays(npz: Path, maps_list: list[np.ndarray], times: list[float],
     if len(maps_list) > 1:
         arrays["maps_compare"] = maps_list[1]
         arrays["blocks_compare"] = np.asarray(blocks_list[1], dtype=np.int64)
-    np.savez_compressed(npz, **arrays)
+    with atomic_path(npz) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
 
 
 def run_pca(cfg: PcaConfig) -> PcaResult:
@@ -139,5 +141,5 @@ def run_pca(cfg: PcaConfig) -> PcaResult:
         "seconds": round(time.perf_counter() - start, 3),
     }
     json_path = png.with_suffix(".json")
-    json_path.write_text(json.dumps(settings, indent=2))
+    atomic_write_text(json_path, json.dumps(settings, indent=2))
     return PcaResult(png=png, npz=npz, json=json_path, maps=maps_list, settings=settings)
