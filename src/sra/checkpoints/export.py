@@ -13,14 +13,18 @@ Layout::
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from sra.atomic import atomic_path, atomic_write_json, atomic_write_text
 from sra.checkpoints.safe import check_state_dict, load_safetensors, read_json
 from sra.errors import SraError
+from sra.oserrors import writing
 
 EXPORT_FORMAT = "sra-export-v1"
 WEIGHTS = "model.safetensors"
@@ -65,14 +69,29 @@ def export_problem(path: Path) -> str | None:
 
 
 def write_export(out: Path, state_dict: dict[str, torch.Tensor], config: dict, card: str) -> Path:
-    """Write an export folder (each file atomically; the config last, so a folder with a config
-    is complete)."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Write an export folder: every file is first written into a hidden staging folder inside
+    ``out``, then all are renamed into place, the config last. So a write the OS refuses (a
+    full disk) leaves a previous export in ``out`` as it was, and a folder with a config is
+    complete."""
+    created = not out.exists()
     sd = {k: v.detach().cpu().contiguous() for k, v in state_dict.items() if not k.startswith("ap_head.")}
-    with atomic_path(out / WEIGHTS) as tmp:
-        save_file(sd, tmp, metadata={"format": EXPORT_FORMAT})
-    atomic_write_text(out / CARD, card)
-    atomic_write_json(out / CONFIG, dict(config, format=EXPORT_FORMAT))
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    try:
+        with writing(out / WEIGHTS):
+            save_file(sd, staging / WEIGHTS, metadata={"format": EXPORT_FORMAT})
+        with writing(out / CARD):
+            (staging / CARD).write_text(card, encoding="utf-8")
+        with writing(out / CONFIG):
+            text = json.dumps(dict(config, format=EXPORT_FORMAT), indent=2) + "\n"
+            (staging / CONFIG).write_text(text, encoding="utf-8")
+        for name in (WEIGHTS, CARD, CONFIG):  # renames in one folder: no space needed
+            os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
     return out
 
 

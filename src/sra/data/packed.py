@@ -32,6 +32,7 @@ from sra.data.base import DataInfo
 from sra.data.checks import check_labels
 from sra.data.formats import INDEX_NAME, LABELS_NAME, PACKED_FORMAT, PACKED_HEADER, PACKED_VERSION
 from sra.errors import SraError
+from sra.oserrors import writing
 
 _NPY_HEADER_BYTES = 128  # fixed .npy header size, so the row count can be rewritten in place
 
@@ -55,30 +56,40 @@ class ShardWriter:
         self.path, self.tmp = path, path + ".partial"
         self.sample_shape, self.dtype = tuple(sample_shape), np.dtype(dtype)
         self.rows = 0
-        self._f = open(self.tmp, "wb")
-        self._f.write(_npy_header((0, *self.sample_shape), self.dtype))
+        with writing(path):
+            self._f = open(self.tmp, "wb")
+            self._f.write(_npy_header((0, *self.sample_shape), self.dtype))
 
     def append(self, rows: np.ndarray) -> None:
         """Write rows (n, *sample_shape)."""
         if tuple(rows.shape[1:]) != self.sample_shape:
             raise SraError(f"cannot pack rows of shape {tuple(rows.shape[1:])} into a shard of "
                            f"{self.sample_shape}")
-        self._f.write(np.ascontiguousarray(rows, dtype=self.dtype).data)  # no extra bytes copy
+        with writing(self.path):
+            self._f.write(np.ascontiguousarray(rows, dtype=self.dtype).data)  # no extra bytes copy
         self.rows += len(rows)
 
     def close(self) -> int:
         """Finish the file; returns the number of rows."""
-        self._f.seek(0)
-        self._f.write(_npy_header((self.rows, *self.sample_shape), self.dtype))
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        os.replace(self.tmp, self.path)
+        try:
+            with writing(self.path):
+                self._f.seek(0)
+                self._f.write(_npy_header((self.rows, *self.sample_shape), self.dtype))
+                self._f.flush()
+                os.fsync(self._f.fileno())
+                self._f.close()
+                os.replace(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
         return self.rows
 
     def abort(self) -> None:
-        """Drop the partial file."""
-        self._f.close()
+        """Drop the partial file (closing it may fail again on a full disk)."""
+        try:
+            self._f.close()
+        except OSError:
+            pass
         if os.path.exists(self.tmp):
             os.remove(self.tmp)
 

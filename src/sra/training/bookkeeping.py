@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from sra.atomic import atomic_write_json, atomic_write_text
+from sra.oserrors import LogFileHandler
 
 
 class StatsWindow:
@@ -185,7 +186,7 @@ def setup_run_logging(path: Path) -> None:
     root.setLevel(logging.INFO)
     if not any(isinstance(h, logging.FileHandler) and h.baseFilename == str(path.resolve())
                for h in root.handlers):
-        fh = logging.FileHandler(path)
+        fh = LogFileHandler(path)  # a refused write: one warning, no traceback per record
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         root.addHandler(fh)
     if not any(getattr(h, "_sra_console", False) for h in root.handlers):

@@ -24,6 +24,7 @@ from sra.checkpoints.layout import (FORMAT, MANIFEST, META, STEP_RE, checkpoint_
                                     list_checkpoints, read_meta, verify_checkpoint, write_manifest)
 from sra.checkpoints.safe import check_state_dict, file_sha256, load_pt_required, load_safetensors
 from sra.errors import SraError
+from sra.oserrors import WriteError, as_write_error
 
 
 # -- RNG -------------------------------------------------------------------------------------------
@@ -173,26 +174,65 @@ def find_resumable_state(
     return None, skipped
 
 
+def _agree(acc, final: Path, tmp: Path, work) -> None:
+    """Run ``work`` on this process, then learn whether it failed on any process (a collective,
+    so a failure on one never leaves the others waiting). On a failure the main process removes
+    ``tmp`` and every process raises: a refused write as :class:`WriteError` naming ``final``."""
+    error = cause = None
+    try:
+        work()
+    except Exception as exc:
+        cause, write = exc, as_write_error(exc, final)
+        error = exc if write is None else WriteError(final, write.reason, write.free, write.errno)
+    lines = [None if error is None else str(error)]
+    if acc.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        lines = gather_object(lines)
+    if not any(lines):
+        return
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # the partial files would only take the space
+    if error is not None and error is cause:
+        raise error  # not a refused write: its own traceback
+    if error is not None:
+        raise error from cause
+    rank, line = next((r, line) for r, line in enumerate(lines) if line)
+    raise SraError(f"process {rank}: {line}")
+
+
 def save_checkpoint(acc, run_dir: Path, step: int, model: nn.Module, ema: nn.Module,
                     optimizer: torch.optim.Optimizer, meta: dict, keep_last: int,
                     milestone_every: int) -> Path | None:
     """Write ``RUN/checkpoints/step-NNNNNNN/`` from every process (each writes its RNG state, the
     main process the rest), atomically, then prune old ones. None (nothing written) if the
-    weights are not finite: a checkpoint to resume from must never hold NaNs."""
+    weights are not finite: a checkpoint to resume from must never hold NaNs. A write the OS
+    refuses on any process raises :class:`WriteError` on every process, with the temporary
+    folder removed and the earlier checkpoints untouched."""
     if not (all_finite(model) and all_finite(ema)):  # sync point (checkpoint steps only)
         return None
     final = checkpoint_path(run_dir, step)
     tmp = final.with_name(f".tmp-{final.name}")
+
+    def start() -> None:
+        if acc.is_main_process:
+            # what a killed or refused write left: the run lock (sra.runlock) makes this launch
+            # the only writer, so no other process is writing them
+            for stale in final.parent.glob(".tmp-step-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir(parents=True, exist_ok=True)
+
+    def write_main() -> None:
+        if acc.is_main_process:
+            scaler = acc.scaler.state_dict() if acc.scaler is not None else None
+            write_checkpoint_files(tmp, model=model, ema=ema, optimizer=optimizer,
+                                   scaler_state=scaler, meta=meta)
+            finalize_checkpoint(tmp, final)
+
+    _agree(acc, final, tmp, start)  # every process waits for the folder
+    _agree(acc, final, tmp, lambda: torch.save(rng_state(), tmp / f"rng-{acc.process_index}.pt"))
+    _agree(acc, final, tmp, write_main)  # the manifest saw every process's RNG file
     if acc.is_main_process:
-        tmp.mkdir(parents=True, exist_ok=True)
-    acc.wait_for_everyone()
-    torch.save(rng_state(), tmp / f"rng-{acc.process_index}.pt")
-    acc.wait_for_everyone()  # the manifest must see every process's RNG file
-    if acc.is_main_process:
-        scaler = acc.scaler.state_dict() if acc.scaler is not None else None
-        write_checkpoint_files(tmp, model=model, ema=ema, optimizer=optimizer,
-                               scaler_state=scaler, meta=meta)
-        finalize_checkpoint(tmp, final)
         prune_checkpoints(run_dir, keep_last, milestone_every)
     acc.wait_for_everyone()
     return final

@@ -27,6 +27,8 @@ from sra.atomic import atomic_write_json
 from sra.data.base import DataInfo, draw_latents
 from sra.errors import SraError
 from sra.models import build_model
+from sra.oserrors import writing
+from sra.runlock import hold
 from sra.training import checkpoint as ckpt
 from sra.training.batches import Position, ShardedBatchSampler, advance
 from sra.training.config import TrainConfig, build_objective, open_dataset, resolve_model_config
@@ -55,6 +57,8 @@ class Trainer:
         self.notes: list[str] = []  # warnings found while setting up; logged once the log exists
         self.run_dir = Path(cfg.output_dir) / cfg.exp_name
         self.accelerator = acc = build_accelerator(loop, self.run_dir)
+        # One launch per run dir (sra.runlock), taken before anything is written.
+        hold(self.run_dir, "sra train", "--exp-name / --output-dir", acc)
         world = acc.num_processes
         per_step = world * loop.gradient_accumulation_steps
         if loop.global_batch_size % per_step:
@@ -285,7 +289,7 @@ class Trainer:
         acc = self.accelerator
         rec = reduce_mean(acc, rec)
         if acc.is_main_process:
-            with open(metrics_path, "a") as f:
+            with writing(metrics_path), open(metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             bar.set_postfix(loss=f"{rec.get('loss', float('nan')):.4f}",
                             align=f"{rec.get('align', 0):.3f}")
@@ -333,7 +337,7 @@ class Trainer:
         if rec is None:
             return
         self.last_quality = rec
-        with open(metrics_path, "a") as f:
+        with writing(metrics_path), open(metrics_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         self.accelerator.log({k: v for k, v in rec.items() if k != "step"}, step=rec["step"])
 
