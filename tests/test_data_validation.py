@@ -193,7 +193,7 @@ def test_an_export_without_its_weights_says_what_is_missing(tmp_path, capsys):
 def test_nonfinite_samples_names_the_dataset_indices():
     x = torch.randn(4, 2, 3, 3)
     indices = [17, 3, 250, 9]
-    assert nonfinite_samples(x, indices) == [] and nonfinite_report(x, indices) is None
+    assert nonfinite_samples(x, indices) == [] and nonfinite_report([], 4) is None
     x[1, 0, 2, 2] = float("nan")
     x[3, 1, 0, 0] = float("-inf")
     assert nonfinite_samples(x, indices) == [3, 9]
@@ -214,7 +214,7 @@ def test_the_failing_batch_is_found_from_the_loop_position(tmp_path):
     idx = batches[-1]
     x = torch.stack([ds[i][0] for i in idx])
     x[2, 0, 0, 0] = float("nan")
-    report = nonfinite_report(x, idx, ds)
+    report = nonfinite_report(nonfinite_samples(x, idx), len(idx), ds)
     assert report is not None and "\n" not in report
     assert f"1 of 3 samples of the batch, dataset indices {idx[2]} " in report
     assert f"(first: {ds.sample_name(idx[2])})" in report

@@ -58,6 +58,9 @@ FLAGS: list[tuple[list[str], str, object, str]] = [
     (["--align-schedule"], "align.schedule", str, "λ schedule: constant | exp-decay"),
     (["--align-decay-start"], "align.decay_start", int, "exp-decay: step after which λ decays"),
     (["--align-decay-steps"], "align.decay_steps", int, "exp-decay: steps per factor 0.1"),
+    (["--align-until"], "align.until", int,
+     "switch the alignment term off after this optimizer step (HASTE's early stop; the head "
+     "then gets zero gradients, the teacher is no longer run)"),
     (["--use-alignment-loss"], "align.enabled", str2bool,
      "alignment on/off (off: no teacher; with token groups: DTS/AS alone)"),
     (["--mask-ratio"], "groups.mask_ratios", float_list,
@@ -115,6 +118,9 @@ FLAGS: list[tuple[list[str], str, object, str]] = [
     (["--max-consecutive-skips"], "loop.max_consecutive_skips", int,
      "stop after this many non-finite steps in a row"),
     (["--compile"], "loop.compile", str2bool, "torch.compile the student and teacher forwards"),
+    (["--dist-timeout"], "loop.dist_timeout", int,
+     "seconds a process may wait in a collective (the process group's watchdog; default 3600): "
+     "the main process alone writes and verifies checkpoints and fetches artefacts meanwhile"),
     (["--report-to"], "loop.report_to", str, "tracker: tensorboard | wandb | none"),
     (["--eval-samples"], "loop.eval_samples", int, "digits: samples for the end-of-run metric"),
     (["--fid-every"], "fid.every", int,
@@ -173,7 +179,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 # With --align-target encoder the shared alignment flags set REPA's fields instead of SRA's.
 ENCODER_ROUTES = {"align.student_block": "encoder_align.student_block",
-                  "align.weight": "encoder_align.weight", "align.enabled": "encoder_align.enabled"}
+                  "align.weight": "encoder_align.weight", "align.enabled": "encoder_align.enabled",
+                  "align.until": "encoder_align.until"}
 TEACHER_ONLY = ("align.teacher_block", "align.t_max", "align.loss_type", "align.schedule",
                 "align.decay_start", "align.decay_steps")
 

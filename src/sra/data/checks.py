@@ -85,14 +85,15 @@ def nonfinite_samples(x: torch.Tensor, indices: Sequence[int]) -> list[int]:
     return [int(indices[j]) for j in rows]
 
 
-def nonfinite_report(x: torch.Tensor, indices: Sequence[int], dataset=None) -> str | None:
-    """One line blaming the data when the batch ``x`` holds NaN/inf (naming the samples and, where
-    the dataset knows, the first one's file), or None when its inputs are all finite."""
-    found = nonfinite_samples(x, indices)
+def nonfinite_report(found: Sequence[int], batch_size: int, dataset=None) -> str | None:
+    """One line blaming the data for ``found``, the dataset indices of a batch of ``batch_size``
+    whose inputs hold NaN/inf (naming the samples and, where the dataset knows, the first one's
+    file); None when nothing was found."""
     if not found:
         return None
+    found = sorted(found)
     name_of = getattr(dataset, "sample_name", None)
     shown = ", ".join(map(str, found[:5])) + (", …" if len(found) > 5 else "")
     first = f" (first: {name_of(found[0])})" if name_of is not None else ""
-    return (f"the data holds NaN/inf: {len(found)} of {len(x)} samples of the batch, dataset "
+    return (f"the data holds NaN/inf: {len(found)} of {batch_size} samples of the batch, dataset "
             f"indices {shown}{first}; fix or drop those samples")

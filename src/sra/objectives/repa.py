@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sra.errors import SraError
-from sra.objectives.sra import LossOutput, check_label_dropout, drop_labels
+from sra.objectives.sra import LossOutput, check_label_dropout, check_until, drop_labels, stopped
 
 ALIGN_TARGETS = ("ema", "encoder")  # --align-target: SRA's EMA teacher or REPA's encoder
 
@@ -39,6 +39,7 @@ class EncoderAlignConfig:
     student_block: int = 8  # s ("block-out-s", 1-indexed); REPA uses 8 for XL
     weight: float = 0.5  # λ
     projector_dim: int = 2048  # P, the projector's hidden width
+    until: int | None = None  # --align-until: λ = 0 after this many optimizer steps
 
     def __post_init__(self) -> None:
         if self.student_block < 1:
@@ -49,6 +50,7 @@ class EncoderAlignConfig:
             raise SraError(f"projector dim must be ≥ 1, got {self.projector_dim}")
         if self.encoder_resolution is not None and self.encoder_resolution < 1:
             raise SraError(f"encoder resolution must be ≥ 1, got {self.encoder_resolution}")
+        check_until(self.until)
 
     @property
     def active(self) -> bool:
@@ -137,7 +139,7 @@ class EncoderAlignObjective:
         t = proc.sample_t(n, x0.device)
         eps = torch.randn_like(x0)
         x_t = proc.noisy(x0, eps, t)
-        weight = self.cfg.weight if self.cfg.active else 0.0
+        weight = self.cfg.weight if self.cfg.active and not stopped(self.cfg.until, step) else 0.0
         if weight <= 0:
             pred = model(x_t, t, y).output
             denoise = proc.loss(pred, x0, eps, t, x_t).mean()

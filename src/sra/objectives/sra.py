@@ -42,6 +42,9 @@ class AlignConfig:
     decay_start: int = 0  # exp-decay: λ is constant up to this optimizer step…
     decay_steps: int = 1  # …then is multiplied by 0.1 every decay_steps steps
     smooth_l1_beta: float = 0.05
+    # HASTE's early stop: λ = 0 after this many optimizer steps (None: never). The head then
+    # gets zero gradients and the teacher is not run.
+    until: int | None = None
 
     def __post_init__(self) -> None:
         check_choice("alignment loss type", self.loss_type, LOSS_TYPES)
@@ -57,6 +60,7 @@ class AlignConfig:
             raise SraError(f"block-out-s must be ≥ 1, got {self.student_block}")
         if self.weight < 0 or self.decay_steps < 1 or self.decay_start < 0:
             raise SraError("alignment weight must be ≥ 0, decay_steps ≥ 1 and decay_start ≥ 0")
+        check_until(self.until)
 
     @property
     def active(self) -> bool:
@@ -73,12 +77,26 @@ def align_weight(cfg: AlignConfig, step: int) -> float:
     global batch 256 one epoch is 5005 steps, so 256 px (E₀ 149, P 1000) is decay_start 745745,
     decay_steps 5005000 and 512 px (E₀ 99, P 800) is 495495 and 4004000. The release moves in
     whole epochs; this moves every step (the two differ by less than one epoch's worth).
+    With ``until`` (``--align-until``) λ is 0 from optimizer step ``until + 1`` on (``step`` is
+    the number of steps already taken).
     """
-    if not cfg.active:
+    if not cfg.active or stopped(cfg.until, step):
         return 0.0
     if cfg.schedule == "constant" or step <= cfg.decay_start:
         return cfg.weight
     return cfg.weight * 0.1 ** ((step - cfg.decay_start) / cfg.decay_steps)
+
+
+def check_until(until: int | None) -> None:
+    """``--align-until`` must be a step count ≥ 0 (or unset)."""
+    if until is not None and (isinstance(until, bool) or until < 0):
+        raise SraError(f"--align-until must be an optimizer step ≥ 0, got {until}")
+
+
+def stopped(until: int | None, step: int) -> bool:
+    """Whether an alignment term switched off after ``until`` steps is off at ``step`` (the number
+    of optimizer steps already taken): steps 1..until align, step until + 1 on does not."""
+    return until is not None and step >= until
 
 
 def centered_cosine(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

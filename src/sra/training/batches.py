@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from sra.errors import SraError
 
@@ -71,3 +71,14 @@ def advance(start: Position, k: int, batches_per_epoch: int) -> Position:
     """The position ``k`` global micro-batches after ``start``."""
     flat = start.epoch * batches_per_epoch + start.batch + k
     return Position(*divmod(flat, batches_per_epoch))
+
+
+def make_loader(dataset, sampler: ShardedBatchSampler, num_workers: int,
+                device: torch.device) -> DataLoader:
+    """The training DataLoader over ``sampler``'s batches."""
+    return DataLoader(
+        dataset, batch_sampler=sampler, num_workers=num_workers,
+        pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
+        # Own generator: creating loader iterators must not consume the global RNG stream.
+        generator=torch.Generator(),
+    )

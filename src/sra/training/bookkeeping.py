@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 
 from sra.atomic import atomic_write_json, atomic_write_text
-from sra.oserrors import LogFileHandler
+from sra.oserrors import LogFileHandler, writing
 
 
 class StatsWindow:
@@ -49,27 +51,6 @@ class StatsWindow:
         out = {k: (v / n if n > 0 else float("nan")) for k, v in zip(keys, values)}
         self.__init__()
         return out
-
-
-class NonFiniteGuard:
-    """Counts skipped steps and the longest run of consecutive ones, on the device."""
-
-    def __init__(self, device: torch.device, skipped: int = 0) -> None:
-        self.skipped = torch.tensor(skipped, dtype=torch.int64, device=device)
-        self.consecutive = torch.zeros((), dtype=torch.int64, device=device)
-        self.worst = torch.zeros((), dtype=torch.int64, device=device)  # since the last read
-
-    def update(self, finite: torch.Tensor) -> None:
-        bad = (~finite).to(torch.int64)
-        self.skipped += bad
-        self.consecutive = (self.consecutive + 1) * bad  # reset to 0 by a finite step
-        self.worst = torch.maximum(self.worst, self.consecutive)
-
-    def read(self) -> tuple[int, int]:
-        """(skipped in all, longest consecutive run since the last read) — a sync point."""
-        skipped, worst = torch.stack([self.skipped, self.worst]).tolist()
-        self.worst = self.consecutive.clone()  # a run still going on carries over
-        return int(skipped), int(worst)
 
 
 class StopFlag:
@@ -104,14 +85,6 @@ def any_process(acc, flag: bool) -> bool:
     return bool(acc.reduce(t, reduction="sum").item() > 0)
 
 
-def min_over_processes(acc, value: int) -> int:
-    """The smallest ``value`` over all processes, on every process (a gather: sync points only)."""
-    if acc.num_processes == 1:
-        return value
-    t = torch.tensor([value], device=acc.device, dtype=torch.int64)
-    return int(min(acc.gather(t).tolist()))
-
-
 def reduce_mean(acc, rec: dict) -> dict:
     """Average the float entries of a log record over processes (``step``/``lr`` excepted)."""
     if acc.num_processes == 1:
@@ -120,6 +93,29 @@ def reduce_mean(acc, rec: dict) -> dict:
     t = torch.tensor([rec[k] for k in keys], device=acc.device, dtype=torch.float64)
     t = acc.reduce(t, reduction="mean")
     return dict(rec, **{k: float(v) for k, v in zip(keys, t.tolist())})
+
+
+def json_record(rec: dict) -> str:
+    """One strict-JSON line of a metrics record: a non-finite float (a NaN loss) is written as
+    ``null``, never as the bare ``NaN`` that JSON readers reject."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
+    return json.dumps(clean, allow_nan=False)
+
+
+def append_record(acc, path: Path, rec: dict) -> None:
+    """A metrics record into ``metrics.jsonl`` (main process) and the trackers (all processes)."""
+    if acc.is_main_process:
+        with writing(path), open(path, "a") as f:  # a full disk: one line naming the file
+            f.write(json_record(rec) + "\n")
+    acc.log({k: v for k, v in rec.items() if k != "step"}, step=rec["step"])
+
+
+def head_anchor(params: list[torch.Tensor]) -> torch.Tensor:
+    """0 · Σ params: a zero added to the loss that gives every parameter a zero gradient. When the
+    alignment weight is 0 at a step the projector head is otherwise left out of the graph, and
+    DDP without ``find_unused_parameters`` (which costs a graph walk every step) would wait
+    forever for its gradients."""
+    return torch.stack([p.sum() for p in params]).sum() * 0.0
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -197,16 +193,38 @@ def setup_run_logging(path: Path) -> None:
         root.addHandler(console)
 
 
+def ddp_ignore_buffers(model: torch.nn.Module) -> None:
+    """Keep ``model``'s buffers out of DDP's synchronisation. The only one is the fixed sin-cos
+    position table, computed identically on every process and never trained: DDP would otherwise
+    re-send it from process 0 at every forward (under ``no_sync`` too). Call before ``prepare``."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    names = [name for name, _ in model.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+
+
 def build_accelerator(loop, run_dir: Path):
-    """The run's ``Accelerator``: mixed precision, trackers, logs under ``run_dir/tb``. Several
-    processes without CUDA (``accelerate launch --multi_gpu`` or torchrun on a CPU machine) get
-    gloo on the CPU: accelerate picks MULTI_CPU only when told "cpu"."""
+    """The run's ``Accelerator``: mixed precision, trackers, logs under ``run_dir/tb``, DDP and
+    process-group settings. Several processes without CUDA (``accelerate launch --multi_gpu`` or
+    torchrun on a CPU machine) get gloo on the CPU: accelerate picks MULTI_CPU only when told
+    "cpu"."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import (DistributedDataParallelKwargs, InitProcessGroupKwargs,
+                                  ProjectConfiguration)
 
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     trackers = [] if loop.report_to == "none" else [loop.report_to]
+    handlers = [
+        # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets (no second
+        # copy of every gradient, no copy into the buckets each step). The buffers are kept
+        # out of DDP instead (see ddp_ignore_buffers): nothing to re-broadcast every forward.
+        DistributedDataParallelKwargs(gradient_as_bucket_view=True),
+        # The watchdog limit of every collective: the main process alone writes and hashes
+        # checkpoints (≈10 s per 11 GB at 1 GB/s, minutes on slow shared storage) while the
+        # others wait at a barrier (--dist-timeout).
+        InitProcessGroupKwargs(timeout=timedelta(seconds=loop.dist_timeout)),
+    ]
     return Accelerator(cpu=multi_cpu, mixed_precision=loop.mixed_precision,
-                       log_with=trackers or None,
+                       log_with=trackers or None, kwargs_handlers=handlers,
                        project_config=ProjectConfiguration(project_dir=str(run_dir),
                                                            logging_dir=str(run_dir / "tb")))

@@ -53,11 +53,15 @@ class LoopConfig:
     report_to: str = "tensorboard"  # tensorboard | wandb | none
     eval_digits: bool = True  # digits: classifier FD/accuracy of EMA samples at the end
     eval_samples: int = 500  # … with the --fid-* sampler and seed → eval_digits.json
+    # Seconds any collective may wait (NCCL's watchdog): the main process alone writes, hashes
+    # and verifies checkpoints and fetches artefacts while the others wait.
+    dist_timeout: int = 3600
 
     def __post_init__(self) -> None:
         check_choice("mixed precision", self.mixed_precision, MIXED_PRECISION)
         check_choice("report-to", self.report_to, ("tensorboard", "wandb", "none"))
-        for name in ("global_batch_size", "gradient_accumulation_steps", "max_train_steps"):
+        for name in ("global_batch_size", "gradient_accumulation_steps", "max_train_steps",
+                     "dist_timeout"):
             if getattr(self, name) < 1:
                 raise SraError(f"{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
 
@@ -123,6 +127,20 @@ def resolve_model_config(cfg: TrainConfig, info: DataInfo) -> ModelConfig:
     elif cfg.align_target == "ema" and cfg.align.active:
         mcfg.check_blocks([cfg.align.teacher_block], what="block-out-t")
     return mcfg
+
+
+def resolved_config(cfg: TrainConfig, model_cfg: ModelConfig, info: DataInfo, world: int,
+                    micro_batch: int, compute_unit: str) -> dict:
+    """What ``config.json`` and every checkpoint record: the config with the model's resolved
+    dims, the data's description, the launch's shape and the unit of ``compute_s``."""
+    d = cfg.to_dict()
+    d["model"] = model_cfg.to_dict()
+    d["model"]["name"] = cfg.model.name
+    d["data_info"] = info.to_dict()
+    d["num_processes"] = world
+    d["micro_batch_per_process"] = micro_batch
+    d["compute_unit"] = compute_unit  # what metrics.jsonl's compute_s counts
+    return d
 
 
 def dataset_options(cfg: TrainConfig) -> dict:

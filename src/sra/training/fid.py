@@ -73,6 +73,25 @@ class QualityProbe:
         self._ref_stats: dict | None = None
         self._net = None
 
+    def prepare(self) -> None:
+        """Fetch and compute now what the first evaluation would: the VAE and Inception network
+        (every process: each decodes and scores its share; the main process first, so a download
+        happens once), the reference statistics or the digit classifier (main process). Called
+        before the first step, so no process waits in a training collective meanwhile."""
+        acc = self.acc
+        with acc.main_process_first():
+            self.decoder.load()
+            if not self.digits:
+                self._inception_net()
+        if acc.is_main_process:
+            if self.digits:
+                from sra.eval.digits import load_digits_classifier
+
+                load_digits_classifier()  # trained and cached on first use
+            else:
+                self.reference_statistics()
+        acc.wait_for_everyone()
+
     # -- the samples ----------------------------------------------------------------------------
     @torch.no_grad()
     def my_images(self, ema: nn.Module) -> list[tuple[int, np.ndarray]]:
@@ -122,14 +141,17 @@ class QualityProbe:
         m = digits_metrics(images, self.labels)
         return {"digits_fd": m["fd"], "digits_acc": m["acc"]}
 
-    def _inception(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(pool (n, 2048), logits (n, 1008)) of uint8 (n, H, W, 3) images."""
+    def _inception_net(self):
         if self._net is None:
             from sra.eval.inception import InceptionFeatures
 
             self._net = InceptionFeatures(self.weights, device=self.acc.device)
+        return self._net
+
+    def _inception(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(pool (n, 2048), logits (n, 1008)) of uint8 (n, H, W, 3) images."""
         x = torch.from_numpy(images).permute(0, 3, 1, 2)  # (n, 3, H, W) uint8
-        out = self._net(x)
+        out = self._inception_net()(x)
         return out["pool"].cpu().numpy(), out["logits"].cpu().numpy()
 
     def _score_inception(self, parts: list) -> dict:
@@ -154,7 +176,8 @@ class QualityProbe:
 
             ref = check_reference_npz(resolve(self.cfg.ref, what="--fid-ref"), (POOL_DIM, SPATIAL_DIM))
             ecfg = EvalConfig(samples=ref, ref=ref, inception_weights=self.weights, progress=False)
-            acts = batch_activations(ref, lambda: self._net, weights_id(self.weights), ecfg, "reference")
+            acts = batch_activations(ref, self._inception_net, weights_id(self.weights), ecfg,
+                                     "reference")
             self._ref_stats, _ = reference_statistics(ref, acts)
         return self._ref_stats
 

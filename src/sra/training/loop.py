@@ -6,40 +6,43 @@ Batch sizes: ``loop.global_batch_size`` counts samples per optimizer step over a
 and accumulation steps; each process's micro-batch is global / (processes × accumulation).
 
 Host–device syncs: a step never reads a tensor on the host. Statistics, the non-finite-step
-count and the stop flag are read at log and checkpoint steps only (marked "sync point").
+count, the compute clock and the stop flag are read at log and checkpoint steps only (marked
+"sync point"). Several processes see one run directory; the main process alone reads the disk
+to decide (e.g. what to resume) and broadcasts (:mod:`sra.training.launch`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from sra import checkpoints as ckpts
 from sra.atomic import atomic_write_json
 from sra.data.base import DataInfo, draw_latents
 from sra.errors import SraError
 from sra.models import build_model
-from sra.oserrors import writing
 from sra.runlock import hold
 from sra.training import checkpoint as ckpt
-from sra.training.batches import Position, ShardedBatchSampler, advance
-from sra.training.config import TrainConfig, build_objective, open_dataset, resolve_model_config
-from sra.training.bookkeeping import (NonFiniteGuard, RateTimer, StatsWindow, StopFlag, any_process,
-                                      build_accelerator,
-                                      check_replicas, flatten, reduce_mean, setup_run_logging,
+from sra.training.batches import Position, ShardedBatchSampler, advance, make_loader
+from sra.training.bookkeeping import (RateTimer, StatsWindow, StopFlag, any_process,
+                                      append_record, build_accelerator, check_replicas,
+                                      ddp_ignore_buffers, flatten,
+                                      head_anchor, reduce_mean, setup_run_logging,
                                       truncate_metrics)
-from sra.training.ema import ema_decay, make_ema, update_ema
+from sra.training.compute import ComputeClock
+from sra.training.config import (TrainConfig, build_objective, open_dataset, resolve_model_config,
+                                 resolved_config)
+from sra.training.ema import EMAUpdater, ema_decay, make_ema
 from sra.training.fid import FIDConfig, QualityProbe, evaluated, write_eval_digits
+from sra.training.health import Health, nonfinite_inputs, overflowed
+from sra.training.launch import check_shared_run_dir
 from sra.training.monitor import METRICS_FILE, Monitor, MonitorConfig
-from sra.training.optim import build_optimizer, learning_rate
+from sra.training.optim import build_optimizer, learning_rate, optimizer_step
 from sra.training.resume import (Resumed, apply_state, check_resume_fits, find_resume_state,
                                  init_from_weights)
 
@@ -70,6 +73,7 @@ class Trainer:
         if torch.cuda.is_available() and loop.allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        check_shared_run_dir(acc, self.run_dir)
 
         # Data, model and the checkpoint to resume: all validated before anything is written.
         self.dataset = open_dataset(cfg)
@@ -77,31 +81,41 @@ class Trainer:
         self.model_cfg = resolve_model_config(cfg, self.info)
         state = find_resume_state(acc, self.run_dir, resume, self.notes)
         self.resume_from = state.path if state is not None else None
-        if state is None and ckpts.latest_checkpoint(self.run_dir) is not None:
-            raise SraError(f"{self.run_dir} already holds checkpoints; pass --resume auto to "
-                           f"continue it or choose another --exp-name / --output-dir")
         if state is not None:
-            check_resume_fits(state, self.model_cfg, loop)
+            check_resume_fits(state, self.model_cfg, loop, self.dataset)
 
         set_seed(loop.seed)  # identical initial weights (and so EMA) on every process
         model = build_model(self.model_cfg)
         model.set_fused_attention(cfg.model.fused_attn)
         if cfg.init_from and state is None:
-            init_from_weights(model, cfg.init_from)
-        self.ema = make_ema(model).to(acc.device)
+            with acc.main_process_first():  # a download happens once, on the main process
+                init_from_weights(model, cfg.init_from, self.dataset)
+        model.to(acc.device)
+        self.ema = make_ema(model)
+        # Flattens both parameter sets on the device (one EMA kernel per dtype), before the
+        # optimizer and DDP see the parameters.
+        self.ema_updater = EMAUpdater(self.ema, model)
+        self.raw_model = model  # unwrapped once: the EMA update and checkpoints use it
+        self.head_params = list(model.ap_head.parameters()) if model.ap_head is not None else []
         opt = build_optimizer(model, cfg.optim, acc.device)
         self.fused = bool(opt.defaults.get("fused"))
         set_seed(loop.seed, device_specific=True)  # but different noise per process
-        self.objective = build_objective(cfg, self.model_cfg)
+        with acc.main_process_first():  # an encoder's download happens once
+            self.objective = build_objective(cfg, self.model_cfg)
         at = Resumed(step=0, start=Position(), skipped=0)
         if state is not None:
             at = apply_state(state, acc, model, self.ema, opt, loop.seed, self.notes)
-        self.step, self.start = at.step, at.start
+        self.step, self.start, self.start_step = at.step, at.start, at.step
+        self.health = Health(acc, loop.max_consecutive_skips, at.skipped)
         self.skipped = at.skipped  # host copy, refreshed at every log/checkpoint step
-        self.nonfinite = NonFiniteGuard(acc.device, at.skipped)
+        self.clock = ComputeClock(acc, at.compute_s)
         self.saved_step = self.step if state is not None else -1
         self.was_complete = False  # set by fit(): resumed at or past max_train_steps
+        ddp_ignore_buffers(model)
         self.model, self.optimizer = acc.prepare(model, opt)
+        # DDP keeps the gradients in its all-reduce buckets (gradient_as_bucket_view); zeroing
+        # them in place keeps them there, setting them to None would re-allocate them each step.
+        self.grads_to_none = acc.num_processes == 1
         self.forward_model = torch.compile(self.model) if loop.compile else self.model
         # The teacher's forward (blocks 1..t, no grad) is compiled too: +1–3 % per step on the
         # CPU benchmarks (SiT-B/4, digits). The EMA weights are updated in place, which compiled code sees.
@@ -109,12 +123,7 @@ class Trainer:
         self.teacher_model = torch.compile(self.ema) if use_teacher else self.ema
         self.sampler = ShardedBatchSampler(len(self.dataset), self.micro_batch, acc.process_index,
                                            world, loop.seed, self.start)
-        self.loader = DataLoader(
-            self.dataset, batch_sampler=self.sampler, num_workers=cfg.data.num_workers,
-            pin_memory=acc.device.type == "cuda", persistent_workers=cfg.data.num_workers > 0,
-            # Own generator: creating loader iterators must not consume the global RNG stream.
-            generator=torch.Generator(),
-        )
+        self.loader = make_loader(self.dataset, self.sampler, cfg.data.num_workers, acc.device)
         self.monitor = Monitor(
             self.run_dir,
             MonitorConfig(grid_samples=loop.grid_samples, grid_sampler=loop.grid_sampler,
@@ -128,27 +137,22 @@ class Trainer:
         return QualityProbe(fid, self.accelerator, self.model_cfg, self.info, cfg.flow.path_type,
                             cfg.data.vae, digits=cfg.data.data_dir == "digits")
 
-    def _evaluates_digits(self) -> bool:
-        return self.cfg.data.data_dir == "digits" and self.cfg.loop.eval_digits
-
     # -- checkpoints ---------------------------------------------------------------------------
     def resolved_config(self) -> dict:
-        d = self.cfg.to_dict()
-        d["model"] = self.model_cfg.to_dict()
-        d["model"]["name"] = self.cfg.model.name
-        d["data_info"] = self.info.to_dict()
-        d["num_processes"] = self.accelerator.num_processes
-        d["micro_batch_per_process"] = self.micro_batch
-        return d
+        acc = self.accelerator
+        return resolved_config(self.cfg, self.model_cfg, self.info, acc.num_processes,
+                               self.micro_batch, self.clock.unit)
 
     def save(self, position: Position) -> Path | None:
         """Write ``checkpoints/step-NNNNNNN/`` (all processes call this); None if refused."""
         acc, loop = self.accelerator, self.cfg.loop
         meta = {"step": self.step, "data": vars(position),
                 "images_seen": self.step * loop.global_batch_size, "skipped": self.skipped,
+                "compute_s": self.clock.total(),  # sync point (checkpoint steps only)
                 "world_size": acc.num_processes, "config": self.resolved_config()}
-        path = ckpt.save_checkpoint(acc, self.run_dir, self.step, acc.unwrap_model(self.model),
-                                    self.ema, self.optimizer, meta, loop.keep_last, loop.milestone_steps)
+        with self.clock.paused():
+            path = ckpt.save_checkpoint(acc, self.run_dir, self.step, self.raw_model, self.ema,
+                                        self.optimizer, meta, loop.keep_last, loop.milestone_steps)
         if path is None:
             log.error("refusing to write a checkpoint at step %d: non-finite weights", self.step)
         else:
@@ -176,36 +180,23 @@ class Trainer:
                 with acc.autocast():  # the teacher runs under the same autocast
                     out = self.objective(self.forward_model, self.teacher_model, x0, y, self.step,
                                          **extra)
-                acc.backward(out.total / A)  # outside autocast, as the AMP recipe asks
+                loss = out.total
+                if out.weight == 0 and self.head_params:  # a host float: no sync
+                    # λ = 0 at this step (--align-until, a decayed schedule): the head gets zero
+                    # gradients instead of none, so DDP sees every parameter used.
+                    loss = loss + head_anchor(self.head_params)
+                acc.backward(loss / A)  # outside autocast, as the AMP recipe asks
             for key, v in {"loss": out.total.detach(), "denoise": out.denoise,
                            "align": out.align, **out.stats}.items():
                 stats[key] = stats[key] + v.float() / A if key in stats else v.float() / A
         # Gradients are all-reduced by now, so the norm (and `finite`) agree on every process.
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm)
         finite = torch.isfinite(grad_norm)
-        self._optimizer_step(finite)
-        update_ema(self.ema, acc.unwrap_model(self.model), ema_decay(cfg.ema, self.step), apply=finite)
-        self.nonfinite.update(finite)
+        optimizer_step(self.optimizer, acc.scaler, self.fused, finite, self.grads_to_none)
+        self.ema_updater.update(ema_decay(cfg.ema, self.step), apply=finite)
+        self.health.guard.update(finite, overflowed(finite, stats["loss"], acc.scaler), self.step)
         stats["grad_norm"] = grad_norm.float()
         return stats, finite, out.weight
-
-    def _optimizer_step(self, finite: torch.Tensor) -> None:
-        """AdamW step, skipped where ``finite`` is False — decided on the device."""
-        opt, acc = self.optimizer, self.accelerator
-        inner = opt.optimizer  # accelerate's wrapper around torch's AdamW
-        if acc.scaler is not None:
-            opt.step()  # fp16: the grad scaler skips non-finite steps itself
-        elif self.fused:
-            # The fused kernel takes `found_inf` (what GradScaler hands it) and leaves parameters,
-            # moments and the step count untouched where it is 1: a skip without a host sync.
-            inner.found_inf = (~finite).to(torch.float32)
-            try:
-                opt.step()
-            finally:
-                del inner.found_inf
-        elif bool(finite):  # sync point: only optimizers without the fused kernel get here
-            opt.step()
-        opt.zero_grad(set_to_none=True)
 
     # -- the loop --------------------------------------------------------------------------------
     def fit(self) -> Path:
@@ -221,6 +212,7 @@ class Trainer:
         bar = tqdm(total=loop.max_train_steps, initial=min(self.step, loop.max_train_steps),
                    disable=not acc.is_main_process, desc="train", dynamic_ncols=True)
         batches = iter(self.loader)
+        self.clock.start()
         try:
             while self.step < loop.max_train_steps:
                 lr = learning_rate(cfg.optim, self.step)
@@ -236,16 +228,22 @@ class Trainer:
                 log_step = self.step % loop.log_every == 0 or last
                 ckpt_step = self.step % loop.checkpoint_steps == 0
                 if log_step or ckpt_step:
-                    self._check_health()  # sync point
+                    with self.clock.paused():
+                        self.skipped = self.health.check(  # sync point
+                            self.step, self._bad_samples, self.dataset, loop.global_batch_size)
                 if log_step:
                     rates = timer.rates(window.steps, loop.global_batch_size)
-                    rec = window.read()  # sync point
+                    rec = reduce_mean(acc, window.read())  # sync point
                     self._log(dict(rec, step=self.step, lr=lr, weight=weight, skipped=self.skipped,
-                                   epoch=position.epoch, **rates), metrics_path, bar)
+                                   epoch=position.epoch, **rates, **self._progress()),
+                              metrics_path, bar)
                 if self.probe is not None and self.step % cfg.fid.every == 0:
-                    self._log_quality(self.probe(self.ema, self.step), metrics_path)  # sync point
+                    progress = self._progress()  # sync point
+                    with self.clock.paused():
+                        self._log_quality(self.probe(self.ema, self.step), progress, metrics_path)
                 if loop.sample_steps and self.step % loop.sample_steps == 0 and acc.is_main_process:
-                    self.monitor.snapshot(self.ema, self.step, cfg.exp_name)
+                    with self.clock.paused():
+                        self.monitor.snapshot(self.ema, self.step, cfg.exp_name)
                 if ckpt_step:
                     self.save(position)
                 if (log_step or ckpt_step) and any_process(acc, stop.requested):  # sync point
@@ -258,11 +256,23 @@ class Trainer:
             stop.restore()
         if self.saved_step != self.step:
             self.save(advance(self.start, micro_done, self.sampler.batches_per_epoch))
+        self.clock.stop()
         self._finish()
         return self.run_dir
 
+    def _progress(self) -> dict:
+        """The x-axes of a record: images seen and cumulative compute (a collective)."""
+        return {"images_seen": self.step * self.cfg.loop.global_batch_size,
+                "compute_s": round(self.clock.total(), 3)}
+
+    def _bad_samples(self, step: int) -> list[int]:
+        """This process's dataset indices of step ``step`` (0-based) holding NaN/inf."""
+        return nonfinite_inputs(self.dataset, self.sampler, self.start, step - self.start_step,
+                                self.cfg.loop.gradient_accumulation_steps)
+
     def _begin(self) -> None:
-        """Run dir, resolved config, file log, trackers; the metrics file cut back to the resumed step."""
+        """Run dir, resolved config, file log, trackers; the metrics file cut back to the resumed
+        step; what the evaluations need is fetched now, not while the other processes wait."""
         cfg, loop, acc = self.cfg, self.cfg.loop, self.accelerator
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -284,30 +294,20 @@ class Trainer:
         if self.was_complete:
             log.info("the run is complete (step %d of %d); finishing its outputs",
                      self.step, loop.max_train_steps)
+        with ckpt.preserved_rng():
+            if self.probe is not None:
+                self.probe.prepare()
+            if acc.is_main_process:
+                self.monitor.prepare()
 
     def _log(self, rec: dict, metrics_path: Path, bar) -> None:
-        acc = self.accelerator
-        rec = reduce_mean(acc, rec)
-        if acc.is_main_process:
-            with writing(metrics_path), open(metrics_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+        append_record(self.accelerator, metrics_path, rec)
+        if self.accelerator.is_main_process:
             bar.set_postfix(loss=f"{rec.get('loss', float('nan')):.4f}",
                             align=f"{rec.get('align', 0):.3f}")
             log.info("step %d loss %.5f denoise %.5f align %.4f grad %.3f %.2f it/s",
                      rec["step"], rec.get("loss", math.nan), rec.get("denoise", math.nan),
                      rec.get("align", 0.0), rec.get("grad_norm", math.nan), rec["steps_per_s"])
-        acc.log({k: v for k, v in rec.items() if k != "step"}, step=rec["step"])
-
-    def _check_health(self) -> None:
-        """Apply the non-finite policy: skipped steps are counted; K in a row stop the run."""
-        self.skipped, worst = self.nonfinite.read()  # sync point
-        k = self.cfg.loop.max_consecutive_skips
-        if worst:
-            log.warning("non-finite loss/gradients: update skipped (%d in a row at most since the "
-                        "last check, %d in all, by step %d)", worst, self.skipped, self.step)
-        if worst >= k:
-            raise SraError(f"stopping: {k} consecutive non-finite steps reached by step {self.step} "
-                           f"(lower the learning rate, or use bf16 instead of fp16)")
 
     def _finish(self) -> None:
         """After the last step: final grid and curves, the replica check, the digits metric."""
@@ -319,8 +319,9 @@ class Trainer:
             else:
                 self.monitor.curves(self.cfg.exp_name)
         check_replicas(acc, self.ema, self.run_dir)
-        n, fid = self.cfg.loop.eval_samples, self.cfg.fid
-        if self._evaluates_digits() and n >= 2 and not evaluated(self.run_dir, self.step):
+        loop, fid = self.cfg.loop, self.cfg.fid
+        n, digits = loop.eval_samples, self.cfg.data.data_dir == "digits" and loop.eval_digits
+        if digits and n >= 2 and not evaluated(self.run_dir, self.step):
             # The same probe as --fid-every (its sampler and seed), with eval_samples samples; when
             # it just ran at this step with as many samples, its record is this very number.
             probe, rec = self.probe, self.last_quality
@@ -332,14 +333,11 @@ class Trainer:
         acc.wait_for_everyone()
         acc.end_training()
 
-    def _log_quality(self, rec: dict | None, metrics_path: Path) -> None:
+    def _log_quality(self, rec: dict | None, progress: dict, metrics_path: Path) -> None:
         """A quality record (main process only has one) into metrics.jsonl and the trackers."""
-        if rec is None:
-            return
-        self.last_quality = rec
-        with writing(metrics_path), open(metrics_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        self.accelerator.log({k: v for k, v in rec.items() if k != "step"}, step=rec["step"])
+        if rec is not None:
+            self.last_quality = dict(rec, **progress)
+            append_record(self.accelerator, metrics_path, self.last_quality)
 
 
 def train(cfg: TrainConfig, resume: str | None = None) -> Path:

@@ -61,19 +61,24 @@ class Monitor:
                          device=self.device, autocast=self.autocast)
         return self._decode(z)
 
-    def _decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Model outputs → images in [-1, 1]. Latents go through the VAE when it loads; when it
-        cannot be loaded (no weights offline) the first 3 latent channels are shown instead.
-        Only the *loading* may fall back: an error while decoding is a real error."""
+    def prepare(self) -> None:
+        """Load the grids' decoder now (before training: a VAE download must not happen while
+        other processes wait in a collective). Latents go through the VAE when it loads; when it
+        cannot be loaded (no weights offline) grids show the first 3 latent channels instead."""
         from sra.sampling.decode import ImageDecoder
 
-        if self._decoder is None and not self._latent_preview:
+        if self._decoder is None and not self._latent_preview and self.cfg.grid_samples > 0:
             decoder = ImageDecoder(self.info, vae=self.cfg.vae, device=self.device)
             try:
                 self._decoder = decoder.load()
             except SraError as exc:  # load_vae reports every loading failure as one SraError
                 log.warning("%s; sample grids show latent channels instead", exc)
                 self._latent_preview = True
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Model outputs → images in [-1, 1] (see :meth:`prepare`). Only the *loading* may fall
+        back: an error while decoding is a real error."""
+        self.prepare()
         if self._latent_preview:
             z = z[:, :3].float()
             lo = z.amin(dim=(1, 2, 3), keepdim=True)

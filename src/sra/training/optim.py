@@ -35,3 +35,23 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
 def learning_rate(cfg: OptimConfig, step: int) -> float:
     """The learning rate of optimizer step ``step`` (0-based): linear warm-up, then constant."""
     return cfg.learning_rate * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+
+
+def optimizer_step(opt, scaler, fused: bool, finite: torch.Tensor, grads_to_none: bool) -> None:
+    """One AdamW step (accelerate's wrapped optimizer ``opt``), skipped where ``finite`` is False
+    — decided on the device — then the gradients zeroed (None, or zeros in place where they are
+    views into DDP's buckets)."""
+    inner = opt.optimizer  # accelerate's wrapper around torch's AdamW
+    if scaler is not None:
+        opt.step()  # fp16: the grad scaler skips non-finite steps itself
+    elif fused:
+        # The fused kernel takes `found_inf` (what GradScaler hands it) and leaves parameters,
+        # moments and the step count untouched where it is 1: a skip without a host sync.
+        inner.found_inf = (~finite).to(torch.float32)
+        try:
+            opt.step()
+        finally:
+            del inner.found_inf
+    elif bool(finite):  # sync point: only optimizers without the fused kernel get here
+        opt.step()
+    opt.zero_grad(set_to_none=grads_to_none)
