@@ -7,12 +7,13 @@ inference in :mod:`sra.checkpoints.weights`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -51,13 +52,27 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Run a block without moving this process's RNG streams (torch, CUDA, numpy, python): work
+    done only in some runs (training the digit classifier into an empty cache, building the
+    Inception network) must not change the noise of the steps after it."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+
+
 def all_finite(module: nn.Module) -> bool:
     """Whether every parameter and buffer is finite."""
     return all(torch.isfinite(t).all() for t in module.state_dict().values() if t.is_floating_point())
 
 
 def _contiguous_cpu(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+    # A copy of every tensor: the trainer's parameters are views into one flat buffer
+    # (sra.training.ema.flatten_parameters), and safetensors refuses tensors that share memory.
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}
 
 
 def write_checkpoint_files(
