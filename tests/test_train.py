@@ -309,10 +309,14 @@ class _SyncCounter:
         return real, wrapper
 
 
-@pytest.mark.parametrize("model", ["SiT-S/4", "DiT-S/4"])
-def test_no_host_sync_inside_a_training_step(tmp_path, monkeypatch, model):
+DTS_AS = {"groups.mask_ratios": (0.25,), "groups.full_sample_prob": 0.5}  # + teacher mask
+
+
+@pytest.mark.parametrize("model, extra", [("SiT-S/4", {}), ("DiT-S/4", {}), ("SiT-S/4", DTS_AS)],
+                         ids=["sra", "dit", "dts-as"])
+def test_no_host_sync_inside_a_training_step(tmp_path, monkeypatch, model, extra):
     cfg = tiny_cfg(tmp_path, **{"loop.max_train_steps": 9, "loop.log_every": 4, "model.name": model,
-                                "loop.checkpoint_steps": 100, "loop.grid_samples": 0})
+                                "loop.checkpoint_steps": 100, "loop.grid_samples": 0, **extra})
     trainer = Trainer(cfg)
     # The batches are fetched up front: the DataLoader reads host data (CPU indices, labels),
     # which is no device sync; what is counted is the step itself.

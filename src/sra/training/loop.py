@@ -295,7 +295,9 @@ class Trainer:
             log.info("the run is complete (step %d of %d); finishing its outputs",
                      self.step, loop.max_train_steps)
         with ckpt.preserved_rng():
-            if self.probe is not None:
+            evaluates = (self.probe is not None and not self.was_complete
+                         and cfg.fid.every <= loop.max_train_steps)
+            if evaluates:
                 self.probe.prepare()
             if acc.is_main_process:
                 self.monitor.prepare()
