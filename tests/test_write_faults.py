@@ -305,7 +305,7 @@ def test_log_file_and_metrics_on_a_full_disk(disk, capsys):
         err = capsys.readouterr().err
         assert "Traceback" not in err and "Logging error" not in err, err
         warn = [l for l in err.splitlines() if l.strip()]
-        assert len(warn) == 1 and warn[0].startswith(f"sra: warning: cannot write {disk.root / 'log.txt'}: "
+        assert len(warn) == 1 and warn[0].startswith(f"sra: WARNING: cannot write {disk.root / 'log.txt'}: "
                                                      f"{FULL} ("), err
         with pytest.raises(WriteError, match=rf"cannot write {re.escape(str(metrics))}: {FULL} \("):
             append_record(acc, metrics, {"step": 2, "loss": 0.4, "pad": "x" * 8192})
@@ -512,3 +512,29 @@ def test_download_into_a_full_cache(disk, tmp_path, monkeypatch, capsys):
         server.shutdown()
     one_error(capsys, "artefacts", A.cache_path(url), FULL)
     assert leftovers(disk.root) == []
+
+
+# -- the CLI's last resort ----------------------------------------------------------------------
+@pytest.mark.parametrize("exc,line", [
+    (OSError(errno.EROFS, READ_ONLY, "/x/y"), rf"cannot write /x/y: {READ_ONLY} \(\d+ bytes free on that disk\)"),
+    (OSError(errno.ENOSPC, FULL), rf"cannot write a file the OS did not name: {FULL}"),
+    (PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/x/y"), r"cannot access /x/y: Permission denied"),
+])
+def test_an_os_error_no_writer_named_is_still_one_line(monkeypatch, capsys, exc, line):
+    from sra.commands import models
+
+    def refuse(args):
+        raise exc
+
+    monkeypatch.setattr(models, "run", refuse)
+    assert main(["models"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(rf"sra models: error: {line}", err), err
+
+
+def test_other_os_errors_keep_their_traceback(monkeypatch):
+    from sra.commands import models
+
+    monkeypatch.setattr(models, "run", lambda args: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(OSError, match="I/O error"):
+        main(["models"])

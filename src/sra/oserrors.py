@@ -118,14 +118,18 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
 
 def os_error_line(exc: OSError) -> str | None:
     """One line for an ``OSError`` that no writer converted (the CLI's last resort): a refused
-    write names the file the OS named; None for other errors (they keep their traceback)."""
+    write names the file the OS named (one it did not name is still one line); None for other
+    errors (they keep their traceback)."""
     if isinstance(exc, WriteError):
         return str(exc)
-    if exc.errno not in WRITE_ERRNOS or not exc.filename:
+    if exc.errno not in WRITE_ERRNOS:
         return None
+    reason = exc.strerror or os.strerror(exc.errno)
+    if not exc.filename:  # e.g. a buffered write failing at close(): still one line
+        return f"cannot write a file the OS did not name: {reason}" if exc.errno in _WRITE_ONLY else None
     if exc.errno in _WRITE_ONLY:
         return str(as_write_error(exc, exc.filename))
-    return f"cannot access {exc.filename}: {exc.strerror or os.strerror(exc.errno)}"
+    return f"cannot access {exc.filename}: {reason}"  # EACCES refuses reads too
 
 
 class LogFileHandler(logging.FileHandler):
@@ -145,7 +149,7 @@ class LogFileHandler(logging.FileHandler):
             return super().handleError(record)
         if not self.failed:
             self.failed = True
-            print(f"sra: warning: {err}; nothing more is logged to it", file=sys.stderr)
+            print(f"sra: WARNING: {err}; nothing more is logged to it", file=sys.stderr)
         with contextlib.suppress(OSError):
             self.close()  # flushing again may fail as well
 

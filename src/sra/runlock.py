@@ -182,4 +182,14 @@ def release_all() -> None:
         _drop(held)
 
 
+def _forget_in_child() -> None:
+    """A forked child (a DataLoader worker) closes its copies of the lock files: closing a copy
+    leaves the parent's lock held, and a worker orphaned by a killed run can then not hold it on."""
+    for held in _HELD.values():
+        with contextlib.suppress(OSError):
+            os.close(held.fd)
+    _HELD.clear()
+
+
 atexit.register(release_all)
+os.register_at_fork(after_in_child=_forget_in_child)
