@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -137,3 +138,26 @@ def test_sample_two_processes_hold_the_output_dir_and_the_lock_dies_with_them(
     assert main(argv) == 130
     assert len(new) == 1 and O.shard_path(out, new[0]).is_file()
     assert runlock.holder(out).startswith(f"host {socket.gethostname()}, pid {os.getpid()},")
+
+
+def _other_process_locks(d: Path) -> bool:
+    code = ("import fcntl, os, sys; "
+            "fcntl.flock(os.open(sys.argv[1], os.O_RDWR), fcntl.LOCK_EX | fcntl.LOCK_NB)")
+    return subprocess.run([sys.executable, "-c", code, str(d / runlock.LOCK_NAME)],
+                          capture_output=True).returncode == 0
+
+
+def test_one_process_is_one_launch_and_a_folder_made_for_the_lock_goes_with_it(tmp_path):
+    d = tmp_path / "a" / "run"
+    runlock.take(d, "sra train", "--output-dir")
+    runlock.take(d, "sra train", "--output-dir")  # re-entrant: a script that trains, then resumes
+    assert not _other_process_locks(d)
+    shutil.rmtree(tmp_path / "a")  # removed under the holder: taken anew on the next call
+    runlock.take(d, "sra train", "--output-dir")
+    assert runlock.holder(d).startswith(f"host {socket.gethostname()}, pid {os.getpid()}, started ")
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    runlock.take(kept, "sra sample", "--output-dir")
+    runlock.release_all()
+    assert not (tmp_path / "a").exists()  # made only to hold the lock
+    assert _other_process_locks(kept)  # released; the folder was there before, its file stays

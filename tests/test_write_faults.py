@@ -268,6 +268,57 @@ def test_full_disk_at_a_checkpoint_then_resume_is_exact(disk, ref_run, monkeypat
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def checkpoint_on_two_processes(rank: int, tmp: str) -> list[str | None]:
+    """(gloo worker) Checkpoint steps 1, 2, 3 of a tiny model; at step 2 rank 1's RNG file and
+    at step 3 the main process's weights meet a full disk. What each step raised, per step."""
+    import torch.nn as nn
+    from accelerate import Accelerator
+
+    acc, run = Accelerator(cpu=True), Path(tmp) / "run"
+    model = nn.Linear(2, 2)
+    ema = nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    real_save, real_save_file = torch.save, ckpt_mod.save_file
+
+    def torch_save(obj, f, *a, **kw):
+        if step == 2 and Path(f).name == "rng-1.pt":
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 12")
+        return real_save(obj, f, *a, **kw)
+
+    def save_file(tensors, f, *a, **kw):
+        if step == 3:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                                  "(os error 28)")
+        return real_save_file(tensors, f, *a, **kw)
+
+    torch.save, ckpt_mod.save_file = torch_save, save_file
+    said = []
+    for step in (1, 2, 3):
+        try:
+            ckpt_mod.save_checkpoint(acc, run, step, model, ema, opt, {"step": step, "data": {}},
+                                     keep_last=5, milestone_every=0)
+            said.append(None)
+        except Exception as exc:
+            said.append(f"{type(exc).__name__}: {exc}")
+    return said
+
+
+def test_a_refused_checkpoint_write_on_one_process_stops_every_process(tmp_path):
+    from gloo import run_processes
+
+    results = run_processes(checkpoint_on_two_processes, str(tmp_path), out=tmp_path / "res")
+    step2 = tmp_path / "run" / "checkpoints" / "step-0000002"
+    step3 = tmp_path / "run" / "checkpoints" / "step-0000003"
+    free = r"\(\d+ bytes free on that disk\)"
+    r0, r1 = results
+    assert r0[0] is None and r1[0] is None  # step 1 written
+    assert re.fullmatch(rf"WriteError: cannot write {re.escape(str(step2))}: {SHORT_WRITE_REASON} {free}", r1[1])
+    assert r0[1] == f"SraError: process 1: {r1[1][len('WriteError: '):]}"  # nobody waits forever
+    assert re.fullmatch(rf"WriteError: cannot write {re.escape(str(step3))}: {FULL} {free}", r0[2])
+    assert r1[2] == f"SraError: process 0: {r0[2][len('WriteError: '):]}"
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-0000001"]
+
+
 @pytest.mark.parametrize("refusal", ["read-only", "full"])
 def test_run_dir_set_up_is_refused_in_one_line_and_leaves_nothing(disk, monkeypatch, capsys, refusal):
     args = ["train", *TINY, "--max-train-steps", "2", "--output-dir", str(disk.root)]

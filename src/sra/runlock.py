@@ -77,9 +77,10 @@ def _first_missing(d: Path) -> Path | None:
     return missing
 
 
-def _remove_if_empty(d: Path, created: Path | None) -> None:
-    """Remove the lock file and the folders up to ``created`` if the lock is all they hold."""
-    if created is None:
+def _remove_if_empty(d: Path, created: Path | None, fd: int) -> None:
+    """Remove the lock file (if it is still the one open as ``fd``: never another launch's) and
+    the folders up to ``created`` if the lock is all they hold."""
+    if created is None or not _same_file(fd, d / LOCK_NAME):
         return
     with contextlib.suppress(OSError):
         if {p.name for p in d.iterdir()} == {LOCK_NAME}:
@@ -140,7 +141,7 @@ def take(directory: str | os.PathLike, command: str, hint: str) -> None:
             os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
     except BaseException:
         if fd is not None:
-            _remove_if_empty(d, created)
+            _remove_if_empty(d, created, fd)
             os.close(fd)
         raise
     _HELD[d] = _Held(d, fd, created)
@@ -172,7 +173,7 @@ def hold(directory: str | os.PathLike, command: str, hint: str, state=None) -> N
 
 def _drop(held: _Held) -> None:
     _HELD.pop(held.directory, None)
-    _remove_if_empty(held.directory, held.created)  # still locked while the file goes
+    _remove_if_empty(held.directory, held.created, held.fd)  # still locked while the file goes
     os.close(held.fd)
 
 
