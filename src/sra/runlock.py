@@ -177,6 +177,14 @@ def _drop(held: _Held) -> None:
     os.close(held.fd)
 
 
+def release(directory: str | os.PathLike) -> None:
+    """Drop this process's lock on ``directory``, if it holds one (the end of a launch that lives
+    on in a longer process, e.g. a ``Trainer`` used from a script)."""
+    held = _HELD.get(Path(os.path.abspath(directory)))
+    if held is not None:
+        _drop(held)
+
+
 def release_all() -> None:
     """Drop every lock this process holds (each folder made only for a lock is removed)."""
     for held in list(_HELD.values()):

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from sra.errors import SraError
+from sra.oserrors import writing
 
 T = TypeVar("T")
 TOKEN_PREFIX = ".sra-launch-"
@@ -43,11 +44,19 @@ def check_shared_run_dir(acc, run_dir: Path) -> None:
     resume decision live there. One error line on every process otherwise."""
     if acc.num_processes == 1:
         return
-    token, main_host = broadcast_from_main(acc, (secrets.token_hex(8), socket.gethostname()))
+    token, error = secrets.token_hex(8), None
     path = run_dir / f"{TOKEN_PREFIX}{token}"
     if acc.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"{socket.gethostname()} {os.getpid()}\n")
+        try:
+            with writing(path):
+                run_dir.mkdir(parents=True, exist_ok=True)
+                path.write_text(f"{socket.gethostname()} {os.getpid()}\n")
+        except SraError as exc:  # every process must hear it, or the others wait forever
+            error = str(exc)
+    token, main_host, error = broadcast_from_main(acc, (token, socket.gethostname(), error))
+    if error is not None:
+        raise SraError(error)
+    path = run_dir / f"{TOKEN_PREFIX}{token}"  # the main process's token
     acc.wait_for_everyone()
     from accelerate.utils import gather_object
 
@@ -58,6 +67,5 @@ def check_shared_run_dir(acc, run_dir: Path) -> None:
     if blind:
         raise SraError(
             f"process(es) {', '.join(blind)} cannot see {run_dir} as the main process "
-            f"(on {main_host}) writes it: every "
-            f"process of a launch must see the same run directory (put --output-dir on a file "
-            f"system shared by all nodes)")
+            f"(on {main_host}) writes it: every process of a launch must see the same run "
+            f"directory (put --output-dir on a file system shared by all nodes)")

@@ -26,7 +26,7 @@ from sra.atomic import atomic_write_json
 from sra.data.base import DataInfo, draw_latents
 from sra.errors import SraError
 from sra.models import build_model
-from sra.runlock import hold
+from sra.runlock import hold, release
 from sra.training import checkpoint as ckpt
 from sra.training.batches import Position, ShardedBatchSampler, advance, make_loader
 from sra.training.bookkeeping import (RateTimer, StatsWindow, StopFlag, any_process,
@@ -258,6 +258,7 @@ class Trainer:
             self.save(advance(self.start, micro_done, self.sampler.batches_per_epoch))
         self.clock.stop()
         self._finish()
+        release(self.run_dir)  # the launch is over: the next one may take the run dir
         return self.run_dir
 
     def _progress(self) -> dict:
