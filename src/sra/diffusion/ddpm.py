@@ -108,7 +108,7 @@ class GaussianDiffusion:
         if t.ndim != 1 or t.shape[0] != x.shape[0]:
             raise SraError(f"timesteps must have shape ({x.shape[0]},) to match the batch, got {tuple(t.shape)}")
         if check_range and self.config.check_timesteps and t.numel() > 0:
-            lo, hi = (int(v) for v in torch.aminmax(t))
+            lo, hi = (int(v) for v in torch.aminmax(t))  # sync point (callers' own t: check_t=False)
             if lo < 0 or hi >= self.num_timesteps:
                 raise SraError(
                     f"timestep out of range ({lo}..{hi}); allowed: 0..{self.num_timesteps - 1}"

@@ -4,10 +4,10 @@
 (N,) tensor ``t`` and as the host number ``t_host``: the samplers walk every step of the (possibly
 respaced) schedule ``diffusion`` — their time grid, built by
 :func:`sra.sampling.schedules.ddpm_schedule` — from the last to 0 and look each index up in
-``diffusion.timestep_map`` (a host array) before calling the model; no step reads the device. ``callback(info)`` is called after every
-step (see :mod:`sra.sampling.callbacks`). Guidance is applied by wrapping the model
-into a ``model_fn`` (see ``sampling/guidance.py``, whose :func:`cfg_combine` is the ε-only
-combination rule such a wrapper uses).
+``diffusion.timestep_map`` (a host array) before calling the model; no step reads the device.
+``callback(info)`` is called after every step (see :mod:`sra.sampling.callbacks`). Guidance is
+applied by wrapping the model into a ``model_fn`` (see ``sampling/guidance.py``, whose
+:func:`cfg_combine` is the ε-only combination rule such a wrapper uses).
 """
 
 from __future__ import annotations

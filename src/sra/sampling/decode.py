@@ -41,7 +41,7 @@ def to_uint8(x: torch.Tensor, rounding: str = "round") -> np.ndarray:
     out = y.to(torch.uint8)  # the cast truncates the (non-negative) values
     if out.shape[1] == 1:
         out = out.expand(-1, 3, -1, -1)
-    return out.permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, 3)
+    return out.permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, 3); sync point: once per batch
 
 
 class ImageDecoder:

@@ -82,5 +82,5 @@ def sample_fixed(model: nn.Module, n: int, *, seed: int, sampler: SamplerConfig,
     for k, (start, stop) in enumerate(batch_ranges(n, batch_size)):
         x = sample_batch(model, seed=seed, batch=k, indices=range(start, stop), labels=labels[start:stop],
                          sampler=sampler, device=device, autocast=autocast)
-        out.append(x.float().cpu())
+        out.append(x.float().cpu())  # sync point: once per batch, after its last step
     return torch.cat(out)

@@ -2,11 +2,11 @@
 
     solve(model_fn, noise, y, times, *, generator=None, callback=None, **options) -> x0
 
-``model_fn(x, t, y, t_host)`` returns the velocity; t is a (N,) tensor and ``t_host`` the same time
-as a Python float (see :data:`sra.sampling.guidance.ModelFn`; no step reads a tensor on the host). ``times`` runs from t = 1 (noise)
-toward t = 0 (data); :mod:`sra.sampling.schedules` builds the grids. The state is kept in
-``state_dtype``; the network sees the ``noise`` dtype. ``callback(info)`` is called after every
-step (see :mod:`sra.sampling.callbacks`).
+``model_fn(x, t, y, t_host)`` returns the velocity; t is a (N,) tensor and ``t_host`` the same
+time as a Python float (see :data:`sra.sampling.guidance.ModelFn`; no step reads a tensor on the
+host). ``times`` runs from t = 1 (noise) toward t = 0 (data); :mod:`sra.sampling.schedules`
+builds the grids. The state is kept in ``state_dtype``; the network sees the ``noise`` dtype.
+``callback(info)`` is called after every step (see :mod:`sra.sampling.callbacks`).
 """
 
 from __future__ import annotations

@@ -89,7 +89,8 @@ def generate(
         raise SraError(f"sampling mode {cfg.mode!r} does not fit a {mcfg.family} model; "
                        f"allowed: {', '.join(allowed)}")
     if y.shape != noise.shape[:1]:
-        raise SraError(f"labels must have shape ({noise.shape[0]},) like the noise batch, got {tuple(y.shape)}")
+        raise SraError(f"labels must have shape ({noise.shape[0]},) like the noise batch, "
+                       f"got {tuple(y.shape)}")
     if y.device.type == "cpu":  # host labels are read for free; device labels are checked where made
         check_labels(y, mcfg.num_classes)
     time_scale = 1.0 if mcfg.family == "SiT" else 1000.0
