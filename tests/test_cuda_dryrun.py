@@ -88,7 +88,9 @@ def test_quality_probe_sampling_step(monkeypatch, sampler):
 
     # A CUDA generator needs a driver: the solver noise comes from the default one instead.
     monkeypatch.setattr("sra.sampling.fixed.solver_generator", lambda seed, batch, device: None)
-    acc = SimpleNamespace(device=CUDA, num_processes=1, process_index=0, autocast=bf16)
+    entered = []
+    acc = SimpleNamespace(device=CUDA, num_processes=1, process_index=0,
+                          autocast=lambda: entered.append(1) or bf16())
     cfg = FIDConfig(every=1, samples=6, batch_size=4, sampler=replace(sampler, steps=3))
     ema = _tiny("SiT")
     probe = QualityProbe(cfg, acc, ema.config, DIGITS, "linear", vae="unused", digits=True)
@@ -100,6 +102,7 @@ def test_quality_probe_sampling_step(monkeypatch, sampler):
         out = probe.my_images(to_fake_cuda(ema, fm))
     assert [k for k, _ in out] == [0, 1]
     assert batches == [((4, 1, 16, 16), CUDA), ((2, 1, 16, 16), CUDA)]
+    assert len(entered) >= 2 * 3  # the network ran under the run's autocast at every step
 
 
 def test_inception_feature_step(monkeypatch):
