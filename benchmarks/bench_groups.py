@@ -5,6 +5,9 @@ separation against plain SRA, same model, batch and step code, side by side in o
     .venv/bin/python benchmarks/bench_groups.py --threads 1 --case sit-b2 --batch 4 \
         --paths sra dts-as                                   # CPU: sit-b2-dts-as shapes
     .venv/bin/python benchmarks/bench_groups.py --case sit-xl2 --device cuda
+    # against an older commit's code, side by side in this process:
+    git archive f0a0e0d src | tar -x -C /tmp/before
+    .venv/bin/python benchmarks/bench_groups.py --threads 1 --paths sra dts-as --before /tmp/before/src
 
 Paths (each its own copy of the model, EMA and fused AdamW, as ``sra train`` steps them):
 
@@ -14,7 +17,9 @@ Paths (each its own copy of the model, EMA and fused AdamW, as ``sra train`` ste
   SRA teacher times with the teacher mask. The model computes one adaLN modulation per group and
   gathers it per token;
 - ``per-token``: the same with every token its own group (no separation): the cost of computing
-  the modulation once per token, i.e. what a naive per-token adaLN costs.
+  the modulation once per token, i.e. what a naive per-token adaLN costs;
+- ``dts-as@before`` (with ``--before SRC``): ``dts-as`` on the model and objective of another
+  source tree of ``sra`` (e.g. the masked attention of commit f0a0e0d), same weights and draws.
 
 On CPU the steps run interleaved and are timed on process CPU time (other jobs on the machine
 do not inflate it; use ``--threads 1``); the median is reported with its ratio to ``sra``.
@@ -23,6 +28,8 @@ do not inflate it; use ``--threads 1``); the median is reported with its ratio t
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import sys
 import time
 from dataclasses import replace
@@ -42,6 +49,45 @@ from sra.objectives.denoising import FlowMatching  # noqa: E402
 from sra.objectives.groups import DualTimeObjective, GroupConfig  # noqa: E402
 
 PATHS = ("sra", "dts", "dts-as", "per-token")
+BEFORE_MODULES = ("sra.models", "sra.objectives", "sra.objectives.denoising", "sra.objectives.groups")
+
+
+def import_other_sra(src: str) -> dict:
+    """The modules of another ``sra`` source tree (``src`` holds its ``sra/``), imported beside
+    this process's own: ours are set aside while it imports, then put back."""
+    ours = {k: sys.modules.pop(k) for k in list(sys.modules) if k == "sra" or k.startswith("sra.")}
+    sys.path.insert(0, src)
+    try:
+        for name in BEFORE_MODULES:
+            importlib.import_module(name)
+        other = {k: sys.modules.pop(k) for k in list(sys.modules)
+                 if k == "sra" or k.startswith("sra.")}
+    finally:
+        sys.path.remove(src)
+        sys.modules.update(ours)
+    if not other["sra"].__file__.startswith(str(Path(src).resolve())):
+        raise SystemExit(f"--before {src}: no sra package there")
+    return other
+
+
+def _as(cls, config):
+    """``config`` as the other tree's dataclass ``cls`` (the fields both have)."""
+    return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)
+                  if hasattr(config, f.name)})
+
+
+def before_path(other: dict, base, case):
+    """(model, objective) of ``dts-as`` from the other tree, with ``base``'s weights."""
+    model = other["sra.models"].build_model(_as(other["sra.models"].ModelConfig, case.model))
+    model.load_state_dict(base.state_dict())
+    g = other["sra.objectives.groups"]
+    groups = g.GroupConfig(mask_ratios=(0.25,), dual_time=True, attention_separation=True,
+                           teacher_t="sra", teacher_mask=True)
+    process = other["sra.objectives.denoising"].FlowMatching(other["sra.objectives"].FlowConfig())
+    align = _as(other["sra.objectives"].AlignConfig, case.align)
+    m = case.model
+    return model, g.DualTimeObjective(process, groups, align, LABEL_DROPOUT, m.num_classes,
+                                      grid=m.grid_size, patch=m.patch_size)
 
 
 def case_for(name: str, batch: int | None) -> TrainCase:
@@ -73,19 +119,31 @@ def objective_for(kind: str, case):
 
 
 def run_case(name: str, device: torch.device, warmup: int, repeats: int, seed: int,
-             batch: int | None = None, paths: tuple[str, ...] = ("sra", "dts-as", "per-token")) -> dict:
+             batch: int | None = None, paths: tuple[str, ...] = ("sra", "dts-as", "per-token"),
+             before: dict | None = None) -> dict:
     case = case_for(name, batch)
     torch.manual_seed(seed)
     base = unzero_init(build_model(case.model), seed)
     x0, y = make_batch(case, seed, device)
     steps = {kind: build_path("ours", base, case, device, None, seed, x0, y,
                               objective=objective_for(kind, case)) for kind in paths}
+    if before is not None:
+        model, objective = before_path(before, base, case)
+        steps["dts-as@before"] = build_path("ours", model, case, device, None, seed, x0, y,
+                                            objective=objective)
     clock = time.process_time if device.type == "cpu" else time.perf_counter
-    timings = time_interleaved(steps, device, warmup, repeats, clock=clock)
+    losses: dict[str, list] = {}
+    timings = time_interleaved(steps, device, warmup, repeats, clock=clock,
+                               on_result=lambda k, i, r: losses.setdefault(k, []).append(r[0]))
     med = {k: t.summary()["median_s"] for k, t in timings.items()}
-    return {"case": f"{case.title}, batch {case.batch}", "clock": "process CPU time" if device.type == "cpu" else "wall",
-            "paths": {k: {"median_ms": 1000 * m, "ratio_to_sra": m / med["sra"]}
-                      for k, m in med.items()}}
+    out = {"case": f"{case.title}, batch {case.batch}",
+           "clock": "process CPU time" if device.type == "cpu" else "wall",
+           "paths": {k: {"median_ms": 1000 * m, "ratio_to_sra": m / med["sra"]}
+                     for k, m in med.items()}}
+    if before is not None and "dts-as" in steps:  # same weights and draws: the same losses
+        out["dts_as_loss_max_abs_diff_vs_before"] = max(
+            abs(float(a) - float(b)) for a, b in zip(losses["dts-as"], losses["dts-as@before"]))
+    return out
 
 
 def to_markdown(results: dict) -> str:
@@ -95,6 +153,9 @@ def to_markdown(results: dict) -> str:
                   "| path | step | vs SRA |", "|---|---|---|"]
         lines += [f"| {k} | {v['median_ms']:.1f} ms | {v['ratio_to_sra']:.3f}× |"
                   for k, v in c["paths"].items()]
+        if "dts_as_loss_max_abs_diff_vs_before" in c:
+            lines.append(f"\ndts-as vs dts-as@before, loss max |Δ| over the steps: "
+                         f"{c['dts_as_loss_max_abs_diff_vs_before']:.2e}")
         lines.append("")
     return "\n".join(lines)
 
@@ -106,14 +167,17 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=None, help="override the cases' batch size")
     p.add_argument("--paths", nargs="+", default=["sra", "dts-as", "per-token"], choices=PATHS,
                    help="which steps to time (sra is always included: the ratios are to it)")
+    p.add_argument("--before", default=None, metavar="SRC",
+                   help="also time dts-as on the sra package under SRC (another commit's src/)")
     add_run_args(p, unit="steps", warmup=2, repeats=8, seed_help="seed of the model and batch")
     add_common_args(p, section="groups")
     args = p.parse_args(argv)
     device, results = start_results(args, "benchmarks/bench_groups.py", argv)
     paths = ("sra",) + tuple(k for k in args.paths if k != "sra")
+    before = import_other_sra(args.before) if args.before else None
     for name in args.case:
         results["cases"].append(run_case(name, device, args.warmup, args.repeats, args.seed,
-                                         args.batch, paths))
+                                         args.batch, paths, before))
     publish(results, to_markdown(results), args)
     return results
 

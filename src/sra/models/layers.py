@@ -127,37 +127,30 @@ class Attention(nn.Module):
         to itself. Each run is a dense slice, so no mask is needed (flash-eligible, Σ k² work)."""
         N, T, D = x.shape
         qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, H, T, d)
+        x = self._attend(qkv) if split is None else self._separated(qkv, *split)  # (N, T, H, d)
+        return self.proj(x.reshape(N, T, D))  # heads merged
+
+    def _attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Every query over every key of its sample: (n, t, 3, H, d) → (n, t, H, d)."""
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (n, H, t, d)
         q, k = self.q_norm(q), self.k_norm(k)
-        if split is None:
-            x = self._attend(q, k, v)
-        else:
-            x = self._separated(q, k, v, *split)
-        x = x.transpose(1, 2).reshape(N, T, D)  # merge heads
-        return self.proj(x)
-
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Every query over every key of its sample: (n, H, t, d) → (n, H, t, d)."""
         if self.fused:
-            return F.scaled_dot_product_attention(q, k, v)
-        attn = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)  # (n, H, t, t)
-        return attn.softmax(dim=-1) @ v
+            x = F.scaled_dot_product_attention(q, k, v)
+        else:
+            attn = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)  # (n, H, t, t)
+            x = attn.softmax(dim=-1) @ v
+        return x.transpose(1, 2)
 
-    def _separated(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_full: int,
-                   sizes: tuple[int, ...]) -> torch.Tensor:
-        """Attention within groups (see ``forward``); q, k, v (N, H, T, d) → (N, H, T, d)."""
-        rows = []
-        if num_full:  # full samples: one group of all T tokens
-            rows.append(self._attend(q[:num_full], k[:num_full], v[:num_full]))
-        if num_full < q.shape[0]:  # split samples: each group's run of tokens alone
-            runs, start = [], 0
-            for size in sizes:
-                if size:  # a group may be empty (e.g. r = 0.95, T = 10 gives [10, 0])
-                    run = slice(start, start + size)
-                    runs.append(self._attend(q[num_full:, :, run], k[num_full:, :, run],
-                                             v[num_full:, :, run]))  # (N − K, H, size, d)
-                start += size
-            rows.append(runs[0] if len(runs) == 1 else torch.cat(runs, dim=2))
+    def _separated(self, qkv: torch.Tensor, num_full: int, sizes: tuple[int, ...]) -> torch.Tensor:
+        """Attention within groups (see ``forward``): (N, T, 3, H, d) → (N, T, H, d). ``split``,
+        not slicing: its backward is one concatenation, a slice's a zero-filled full tensor."""
+        N = qkv.shape[0]
+        full, rest = qkv.split([num_full, N - num_full]) if num_full else (None, qkv)
+        rows = [] if full is None else [self._attend(full)]  # full samples: all T tokens
+        if rest.shape[0]:  # split samples: each group's run of tokens alone
+            runs = [self._attend(run) for run, size in zip(rest.split(list(sizes), dim=1), sizes)
+                    if size]  # a group may be empty (r = 0.95, T = 10 gives [10, 0])
+            rows.append(runs[0] if len(runs) == 1 else torch.cat(runs, dim=1))
         return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
 
 
