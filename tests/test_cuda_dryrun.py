@@ -143,18 +143,13 @@ def _tiny_vit(tmp_path) -> dict:
             "encoder_align.student_block": 1, "encoder_align.projector_dim": 64}
 
 
-# The DTS/AS objective's group draw is being made sync-free (issue 19, objectives/groups.py);
-# until that lands its forward may still read the device on the host.
-_DTS_PENDING = pytest.mark.xfail(strict=False, reason="objectives/groups.py sample_groups is being "
-                                 "made sync-free in parallel (issue 19)")
 # (preset, overrides) per case; "tiny-vit" stands for _tiny_vit's overrides (built per test).
 SRA_CASES = [pytest.param("digits", {}, id="sra-sit"),
              pytest.param("digits", {"model.name": "DiT-S/4"}, id="sra-dit")]
 REPA_CASES = [pytest.param("digits-repa", "tiny-vit", id="repa-vit")]
-DTS_CASES = [pytest.param("digits-dts-as", {"groups.teacher_t": tt}, id=f"dts-as-{tt}",
-                          marks=_DTS_PENDING) for tt in TEACHER_TIMES] + [
-    pytest.param("digits-dts-as", {"groups.full_sample_prob": 0.5}, id="dts-as-full-samples",
-                 marks=_DTS_PENDING)]
+DTS_CASES = [pytest.param("digits-dts-as", {"groups.teacher_t": tt}, id=f"dts-as-{tt}")
+             for tt in TEACHER_TIMES] + [
+    pytest.param("digits-dts-as", {"groups.full_sample_prob": 0.5}, id="dts-as-full-samples")]
 # issue 20: the dispersive term's cases go here, e.g.
 # pytest.param("digits", {"dispersive.weight": 0.5}, id="dispersive").
 DISPERSIVE_CASES: list = []
