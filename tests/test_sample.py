@@ -373,20 +373,26 @@ def test_release_flag_aliases_and_preset_merge():
 
 def test_tf32_flag_defaults_on_and_sets_both_backends():
     """--allow-tf32 is on by default (the release's generate.py); --no-tf32 / --tf32 false turn it
-    off; set_tf32 sets the matmul and cuDNN switches together."""
+    off; set_tf32 sets the matmul and cuDNN switches together on CUDA, nothing elsewhere; the
+    job records it."""
     import torch
 
     from sra.cli import build_parser
-    from sra.commands.sample import set_tf32
+    from sra.devices import set_tf32
+    from sra.sampling.job import SampleJobConfig
 
     parse = lambda *extra: build_parser().parse_args(["sample", "--ckpt", "x", *extra]).allow_tf32
     assert parse() is True and parse("--allow-tf32") is True and parse("--tf32") is True
     assert parse("--no-tf32") is False and parse("--allow-tf32", "false") is False
+    assert SampleJobConfig().allow_tf32 is True
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
-        set_tf32(True)
+        cuda = torch.device("cuda")
+        set_tf32(True, cuda)
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
-        set_tf32(False)
+        set_tf32(False, cuda)
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        set_tf32(True, torch.device("cpu"))  # a CPU job leaves the CUDA switches alone
+        assert not torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

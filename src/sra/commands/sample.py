@@ -129,15 +129,6 @@ def sampler_overrides(args: argparse.Namespace) -> dict:
     return {k: v for k, v in over.items() if v is not None}
 
 
-def set_tf32(enabled: bool) -> None:
-    """TF32 for CUDA matmuls and cuDNN convolutions (the network and the VAE); ``sra eval``'s
-    Inception turns it off around itself, so FID features stay fp32 either way."""
-    import torch
-
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    torch.backends.cudnn.allow_tf32 = enabled
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
     from accelerate import PartialState
@@ -155,11 +146,9 @@ def run(args: argparse.Namespace) -> int:
         vae=args.vae, vae_batch_size=args.vae_batch_size, weights=args.weights,
         mixed_precision=mixed, preset=args.preset, sampler_overrides=sampler_overrides(args),
         data_kind=args.data_kind, latent_scale=args.latent_scale, latent_bias=args.latent_bias,
-        grid_size=args.grid_size, progress=not args.no_progress,
+        grid_size=args.grid_size, progress=not args.no_progress, allow_tf32=args.allow_tf32,
     )
     cpu = args.cpu or parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
-    if not cpu:
-        set_tf32(args.allow_tf32)
     state = PartialState(cpu=cpu)
     path = run_sampling(job, state, write_grid=save_grid)
     if state.is_main_process:

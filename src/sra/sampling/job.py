@@ -39,6 +39,7 @@ class SampleJobConfig:
     vae_batch_size: int | None = None  # decode in chunks of this many latents (None: whole batch)
     weights: str = "ema"  # ema | model
     mixed_precision: str = "no"  # no | fp16 | bf16 (autocast around the network)
+    allow_tf32: bool = True  # TF32 matmuls on CUDA (the release's generate.py default)
     preset: str | None = None
     sampler_overrides: dict[str, Any] = field(default_factory=dict)
     sampler: SamplerConfig | None = None

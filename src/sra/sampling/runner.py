@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from sra.devices import set_tf32
 from sra.errors import SraError
 from sra.runlock import hold
 from sra.sampling import outputs as O
@@ -84,6 +85,7 @@ def run_sampling(job: SampleJobConfig, state=None, *, model: nn.Module | None = 
     labels = make_labels(job.seed, job.num_samples, mcfg.num_classes, job.labels, job.class_label)
     decoder = ImageDecoder(data_info, vae=job.vae, device=device, rounding=job.rounding,
                            vae_batch_size=job.vae_batch_size).load()
+    set_tf32(job.allow_tf32, device)
     amp = MIXED_PRECISIONS[job.mixed_precision]
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp is not None else None
 
@@ -96,6 +98,7 @@ def run_sampling(job: SampleJobConfig, state=None, *, model: nn.Module | None = 
         "num_samples": job.num_samples, "batch_size": job.batch_size, "seed": job.seed,
         "labels": job.labels, "class_label": job.class_label, "rounding": job.rounding,
         "mixed_precision": job.mixed_precision,
+        "tf32": job.allow_tf32 and device.type == "cuda",  # what the matmuls really did
         "vae": O.vae_id(decoder.vae_name) if data_info.kind == "moments" else None,
     })
     hold(out, "sra sample", "--output-dir", state)  # one job per output dir (sra.runlock)

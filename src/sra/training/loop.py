@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from sra.atomic import atomic_write_json
 from sra.data.base import DataInfo, draw_latents
+from sra.devices import set_tf32
 from sra.errors import SraError
 from sra.models import build_model
 from sra.runlock import hold, release
@@ -70,9 +71,7 @@ class Trainer:
                 f"accumulation steps = {world} × {loop.gradient_accumulation_steps}"
             )
         self.micro_batch = loop.global_batch_size // per_step
-        if torch.cuda.is_available() and loop.allow_tf32:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        set_tf32(loop.allow_tf32, acc.device)
         check_shared_run_dir(acc, self.run_dir)
 
         # Data, model and the checkpoint to resume: all validated before anything is written.
