@@ -34,7 +34,8 @@ def peak_tflops(device_name: str) -> float | None:
 
 
 def group_attention_pairs(sizes: list[int] | tuple[int, ...]) -> int:
-    """Query–key pairs per image and head when tokens attend within groups of ``sizes``: Σ k²."""
+    """Query–key pairs per image and head when tokens attend within groups of ``sizes``
+    (Σ k²)."""
     return sum(k * k for k in sizes)
 
 

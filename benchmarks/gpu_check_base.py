@@ -52,6 +52,7 @@ class Context:
     budget: Budget
     peak_tflops: float | None  # bf16 dense peak for MFU; None: no MFU (CPU, unknown card)
     log: Callable[[str], None] = field(default=lambda msg: print(msg, file=sys.stderr, flush=True))
+    ahead: dict = field(default_factory=dict)  # helper processes started early, by section
 
     @property
     def cuda(self) -> bool:

@@ -73,7 +73,8 @@ def sdpa(sec: dict) -> list[str]:
     rows = []
     for name, p in sec.get("paths", {}).items():
         rows.append([name, ", ".join(p.get("forward", [])) or "–",
-                     ", ".join(p.get("backward", [])) or "–", p.get("flash_only", p.get("status")),
+                     ", ".join(p.get("backward", [])) or "–",
+                     p.get("flash_only", p.get("status")),
                      "<br>".join(p.get("kernels", [])[:3]) or "–"])
     return [markdown_table([f"SDPA path ({sec.get('model', '')})", "forward", "backward",
                             "flash only", "attention kernels (CUDA)"], rows), ""]
@@ -97,10 +98,11 @@ def sampling(sec: dict) -> list[str]:
                  f"{s.get('guidance_high')}). No SD-VAE decoding (no diffusers, no weights there).")
     d = sec.get("difference", {})
     if d.get("status") == "ok":
+        tf, bf = (f"{d[k + '_max_abs_diff']:.2e} ({d[k + '_rel_diff']:.1e} of the std)"
+                  for k in ("fp32+tf32", "bf16"))
         lines.append(f"- Whole {d['steps']}-step runs, batch {d['batch']}, same noise, random "
-                     f"weights: max |Δ| vs strict fp32: fp32+TF32 {d['fp32+tf32_max_abs_diff']:.2e}"
-                     f" ({d['fp32+tf32_rel_diff']:.1e} of the std), bf16 {d['bf16_max_abs_diff']:.2e}"
-                     f" ({d['bf16_rel_diff']:.1e}); bf16 vs TF32 {d['bf16_vs_tf32_max_abs_diff']:.2e}.")
+                     f"weights: max |Δ| vs strict fp32: fp32+TF32 {tf}, bf16 {bf}; bf16 vs TF32 "
+                     f"{d['bf16_vs_tf32_max_abs_diff']:.2e}.")
     elif d:
         lines.append(f"- fp32/bf16 difference: {d.get('status')}")
     return lines + [""]
@@ -122,7 +124,8 @@ def resume(rec: dict) -> list[str]:
            _num(rec.get("moved_after_cut_max_abs"), "{:.3g}"), rec.get("status")]
     return [markdown_table(["resume: 4 steps vs 2 + resume to 4 (fresh process)",
                             "max |Δ| model", "max |Δ| EMA", "rerun max |Δ| model",
-                            "rerun max |Δ| EMA", "moved after the cut (max)", "status"], [row]), ""]
+                            "rerun max |Δ| EMA", "moved after the cut (max)", "status"],
+                           [row]), ""]
 
 
 def to_markdown(results: dict) -> str:

@@ -72,8 +72,9 @@ def fit(ctx: Context, exp_name: str, steps: int) -> None:
 
 class FreshProcess:
     """A new Python process that resumes ``exp_name`` to step 4 when told to. It is started
-    ahead, so that its imports overlap the parent's training; it inherits nothing but the
-    environment, and waits for one line on its stdin before it touches the run."""
+    ahead (by ``gpu_check.py`` at its start), so that its imports overlap the parent's work; it
+    inherits nothing but the environment, and waits for one line on its stdin before it touches
+    the run (or the GPU)."""
 
     def __init__(self, ctx: Context, exp_name: str):
         spec = {"work": str(ctx.work), "tiny": ctx.tiny, "device": str(ctx.device), "exp": exp_name}
@@ -103,7 +104,7 @@ def section_resume(ctx: Context) -> dict:
     """Uninterrupted ×2, and cut at step 2 then resumed in a fresh process; max |Δ| at step 4."""
 
     def run() -> dict:
-        fresh = FreshProcess(ctx, "cut")
+        fresh = ctx.ahead.pop("resume", None) or FreshProcess(ctx, "cut")
         try:
             fit(ctx, "ref", STEPS)
             fit(ctx, "ref2", STEPS)

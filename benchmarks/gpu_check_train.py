@@ -47,7 +47,7 @@ B2 = Arm("SiT-B/2 SRA", "sit-b2-256", "SRA")
 B2_DTS = Arm("SiT-B/2 DTS+AS", "sit-b2-dts-as", "DTS+AS")
 
 
-# -- data and configs --------------------------------------------------------------------------------
+# -- data and configs -----------------------------------------------------------------------------
 def packed_latents(ctx: Context) -> str:
     """A packed folder of random SD-VAE moments (mean ‖ positive std), written with the library's
     own packed writer; made once per run in the scratch folder."""
@@ -67,7 +67,8 @@ def packed_latents(ctx: Context) -> str:
     writer.append(rows)
     shards = [(shard_name(0), writer.close())]
     labels = np.arange(n, dtype=np.int64) % classes
-    write_packed_header(str(root), shards, labels, np.arange(n), moments_info(shape, classes), shape)
+    info = moments_info(shape, classes)
+    write_packed_header(str(root), shards, labels, np.arange(n), info, shape)
     return str(root)
 
 
@@ -123,7 +124,7 @@ def release(trainer) -> None:
     free_memory(device)
 
 
-# -- steps -------------------------------------------------------------------------------------------
+# -- steps ----------------------------------------------------------------------------------------
 def staged_batches(trainer, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``count`` batches from the run's own DataLoader, moved to the device once."""
     dev = trainer.accelerator.device
@@ -173,7 +174,8 @@ def time_batch(ctx: Context, trainer, arm: Arm, staged, batch: int, warmup: int,
     loss = float(stats["loss"])  # after the timed steps: not inside them
     return {**times, "images_per_s": batch / times["median_s"],
             "tflops_per_s": flops / times["median_s"] / 1e12,
-            "mfu": mfu(flops, times["median_s"], ctx.peak_tflops), "gflop_per_image": flops / batch / 1e9,
+            "mfu": mfu(flops, times["median_s"], ctx.peak_tflops),
+            "gflop_per_image": flops / batch / 1e9,
             "peak_mem_bytes": mem.peak, "state_bytes": mem.after, "memory_kind": mem.kind,
             "warmup_s": warm_s, "loss": loss}
 
@@ -184,8 +186,9 @@ def train_arm(ctx: Context, arm: Arm, batches: list[int], compile_: bool,
     warmup, repeats = (1, 2) if ctx.tiny else (3, 10)
     mode = "compile" if compile_ else "eager"
     dynamo_only = compile_ and ctx.tiny and not ctx.cuda
+    backend = ("eager (dry run)" if dynamo_only else "inductor") if compile_ else None
     base = {"arm": arm.label, "objective": arm.objective, "compile": compile_, "amp": "bf16",
-            "compile_backend": ("eager (dry run)" if dynamo_only else "inductor") if compile_ else None}
+            "compile_backend": backend}
     rows = [dict(base, batch=b) for b in batches]
     holder: dict = {}
 
@@ -212,14 +215,16 @@ def train_arm(ctx: Context, arm: Arm, batches: list[int], compile_: bool,
     return rows
 
 
-# -- the sections --------------------------------------------------------------------------------
+# -- the sections ---------------------------------------------------------------------------------
 def train_batches(ctx: Context) -> list[int]:
     return [2, 4] if ctx.tiny else [32, 64]
 
 
 def section_train(ctx: Context, compile_: bool) -> dict:
     """Eager (or compiled) training of XL/2 and B/2 with SRA, and B/2 with DTS+AS (eager only)."""
-    arms = [(B2, 90.0), (XL, 180.0)] if compile_ else [(XL, 45.0), (B2, 20.0), (B2_DTS, 20.0)]
+    # GPU budget per arm (its build and both batches): XL's inductor compile is the largest
+    # unknown, ≈1–2 min per batch size on a 16-core host (an estimate: never run here yet).
+    arms = [(B2, 120.0), (XL, 240.0)] if compile_ else [(XL, 45.0), (B2, 20.0), (B2_DTS, 20.0)]
     if compile_ and ctx.tiny:
         arms = arms[:1]  # the dry run traces once: dynamo alone takes seconds on a small CPU
     batches = train_batches(ctx)[:1] if compile_ and ctx.tiny else train_batches(ctx)
