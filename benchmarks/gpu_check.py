@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -151,14 +152,28 @@ def main(argv=None) -> dict:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
     results["elapsed_s"] = round(ctx.budget.elapsed(), 1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, default=str) + "\n")
     from gpu_check_report import to_markdown
 
-    print(to_markdown(results))
-    ctx.log(f"[gpu_check] wrote {out} in {results['elapsed_s']:.0f} s")
+    table = to_markdown(results)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(strict(results), indent=2, allow_nan=False, default=str) + "\n")
+    out.with_suffix(".md").write_text(table)
+    print(table)
+    ctx.log(f"[gpu_check] wrote {out} and {out.with_suffix('.md').name} in "
+            f"{results['elapsed_s']:.0f} s")
     return results
+
+
+def strict(obj):
+    """The results with NaN/inf as null (strict JSON, like the trainer's metrics)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    return obj
 
 
 if __name__ == "__main__":

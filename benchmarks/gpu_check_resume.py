@@ -22,7 +22,7 @@ from unittest import mock
 
 import torch
 
-from gpu_check_base import BENCH, Budget, Context, run_case
+from gpu_check_base import BENCH, Budget, Context, free_memory, run_case
 from gpu_check_train import Arm, build_trainer, release, train_config
 
 STEPS, CUT, TIMEOUT_S = 4, 2, 300
@@ -68,6 +68,8 @@ def fit(ctx: Context, exp_name: str, steps: int) -> None:
             trainer.fit()
     finally:
         release(trainer)
+        del trainer
+        free_memory(ctx.device)
 
 
 class FreshProcess:

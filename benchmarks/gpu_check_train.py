@@ -51,11 +51,11 @@ B2_DTS = Arm("SiT-B/2 DTS+AS", "sit-b2-dts-as", "DTS+AS")
 def packed_latents(ctx: Context) -> str:
     """A packed folder of random SD-VAE moments (mean ‖ positive std), written with the library's
     own packed writer; made once per run in the scratch folder."""
-    from sra.data.formats import moments_info, shard_name
+    from sra.data.formats import is_packed, moments_info, shard_name
     from sra.data.packed import ShardWriter, write_packed_header
 
     root = ctx.work / "packed"
-    if (root / "sra-packed.json").is_file():
+    if is_packed(str(root)):
         return str(root)
     root.mkdir(parents=True, exist_ok=True)
     shape, n = (TINY_LATENT, TINY_ROWS) if ctx.tiny else (LATENT, DATA_ROWS)
@@ -112,16 +112,14 @@ def build_trainer(cfg: TrainConfig, dynamo_only: bool = False):
 
 
 def release(trainer) -> None:
-    """Drop a trainer and what accelerate, dynamo and the run lock keep of it."""
+    """Drop what accelerate, dynamo and the run lock keep of a trainer; the caller then drops
+    its own references and calls ``free_memory``."""
     from sra.runlock import release_all
 
-    device = trainer.accelerator.device
     trainer.accelerator.free_memory()
     release_all()
     if trainer.cfg.loop.compile:
         torch._dynamo.reset()
-    del trainer
-    free_memory(device)
 
 
 # -- steps ----------------------------------------------------------------------------------------
@@ -212,6 +210,8 @@ def train_arm(ctx: Context, arm: Arm, batches: list[int], compile_: bool,
             row.update(run_case(ctx, f"{arm.label} {mode} batch {b}", estimate_gpu_s / len(rows),
                                 lambda: time_batch(ctx, trainer, arm, staged, b, warmup, repeats)))
     release(trainer)
+    del trainer, staged
+    free_memory(ctx.device)
     return rows
 
 
@@ -278,6 +278,8 @@ def section_fp16(ctx: Context) -> dict:
                     "status": "ok" if skipped - overflows == 0 else "FAILED: divergent steps"}
         finally:
             release(trainer)
+            del trainer
+            free_memory(ctx.device)
 
     rec = run_case(ctx, f"fp16 + GradScaler, {steps} steps", 45.0, run)
     if not ctx.cuda and rec["status"] == "ok":

@@ -38,6 +38,7 @@ def dry_run(tmp_path_factory):
         finally:
             torch.set_num_threads(threads)
             gpu_check_train.fresh_accelerator_state()
+    assert out.with_suffix(".md").read_text() + "\n" == table.getvalue()  # also as a file
     return json.loads(out.read_text()), table.getvalue()
 
 
