@@ -12,6 +12,11 @@ def _num(v, fmt: str = "{:.1f}", none: str = "–") -> str:
     return none if v is None else fmt.format(v)
 
 
+def _cell(v) -> str:
+    """Text for a table cell: an error message's | must not end the cell."""
+    return str(v).replace("|", "\\|")
+
+
 def _pct(v) -> str:
     return _num(None if v is None else 100 * v, "{:.1f} %")
 
@@ -49,7 +54,7 @@ def training(sec: dict, title: str) -> list[str]:
                      _num(c.get("median_s") and 1000 * c["median_s"], "{:.1f} ms"),
                      _num(c.get("images_per_s")), _num(c.get("tflops_per_s")),
                      _pct(c.get("mfu")), _mem(c), _num(c.get("warmup_s"), "{:.1f} s"),
-                     "ok" if ok else c.get("status")])
+                     "ok" if ok else _cell(c.get("status"))])
     lines = [markdown_table([title, "micro-batch", "compile", "step (median)", "images/s",
                              "TFLOP/s", "MFU", "peak mem", "warm-up", "status"], rows), ""]
     for d in sec.get("dts_overhead", []):
@@ -62,8 +67,8 @@ def training(sec: dict, title: str) -> list[str]:
 def fp16(rec: dict) -> list[str]:
     row = [rec.get("steps", "–"), rec.get("batch", "–"), rec.get("overflows", "–"),
            rec.get("divergent", "–"), _num(rec.get("final_scale"), "{:g}"),
-           _num(rec.get("images_per_s_incl_warmup")), rec.get("status")]
-    lines = [markdown_table(["fp16 + GradScaler (SiT-XL/2)", "batch", "scaler overflows",
+           _num(rec.get("images_per_s_incl_warmup")), _cell(rec.get("status"))]
+    lines = [markdown_table(["fp16 + GradScaler (SiT-XL/2), steps", "batch", "scaler overflows",
                              "divergent", "final scale", "images/s (all steps)", "status"],
                             [row])]
     return lines + ([f"- {rec['note']}"] if rec.get("note") else []) + [""]
@@ -74,8 +79,8 @@ def sdpa(sec: dict) -> list[str]:
     for name, p in sec.get("paths", {}).items():
         rows.append([name, ", ".join(p.get("forward", [])) or "–",
                      ", ".join(p.get("backward", [])) or "–",
-                     p.get("flash_only", p.get("status")),
-                     "<br>".join(p.get("kernels", [])[:3]) or "–"])
+                     _cell(p.get("flash_only", p.get("status"))),
+                     _cell("<br>".join(p.get("kernels", [])[:3]) or "–")])
     return [markdown_table([f"SDPA path ({sec.get('model', '')})", "forward", "backward",
                             "flash only", "attention kernels (CUDA)"], rows), ""]
 
@@ -86,7 +91,8 @@ def sampling(sec: dict) -> list[str]:
                                               "{:.1f} ms"),
              _num(c.get("guided_eval_s") and 1000 * c["guided_eval_s"], "{:.1f} ms"),
              _num(c.get("estimated_run_s"), "{:.1f} s"), _num(c.get("images_per_s"), "{:.2f}"),
-             _num(c.get("tflops_per_s")), _mem(c), c.get("status")] for c in sec.get("cases", [])]
+             _num(c.get("tflops_per_s")), _mem(c), _cell(c.get("status"))]
+            for c in sec.get("cases", [])]
     lines = [markdown_table([f"sampling {sec.get('preset')} ({sec.get('model', '')}), batch",
                              "precision", "per eval, no CFG", "per eval, CFG",
                              f"{s.get('steps')}-step run (estimate)", "images/s (estimate)",
@@ -110,7 +116,7 @@ def sampling(sec: dict) -> list[str]:
 
 def inception(rec: dict) -> list[str]:
     row = [_num(rec.get("network_images_per_s")), _num(rec.get("eval_images_per_s")),
-           rec.get("batch", "–"), rec.get("image_size", "–"), rec.get("status")]
+           rec.get("batch", "–"), rec.get("image_size", "–"), _cell(rec.get("status"))]
     return [markdown_table(["Inception (sra eval, fp32)", "network images/s",
                             "compute_activations images/s", "batch", "image px", "status"],
                            [[""] + row]), ""]
@@ -121,10 +127,11 @@ def resume(rec: dict) -> list[str]:
            _num(rec.get("resume_max_abs_diff_ema"), "{:.3g}"),
            _num(rec.get("rerun_max_abs_diff_model"), "{:.3g}"),
            _num(rec.get("rerun_max_abs_diff_ema"), "{:.3g}"),
-           _num(rec.get("moved_after_cut_max_abs"), "{:.3g}"), rec.get("status")]
+           _num(rec.get("moved_after_cut_max_abs"), "{:.3g}"), _cell(rec.get("status"))]
+    # "\|": a bare | inside a cell would end it
     return [markdown_table(["resume: 4 steps vs 2 + resume to 4 (fresh process)",
-                            "max |Δ| model", "max |Δ| EMA", "rerun max |Δ| model",
-                            "rerun max |Δ| EMA", "moved after the cut (max)", "status"],
+                            "max \\|Δ\\| model", "max \\|Δ\\| EMA", "rerun max \\|Δ\\| model",
+                            "rerun max \\|Δ\\| EMA", "moved after the cut (max)", "status"],
                            [row]), ""]
 
 
