@@ -63,8 +63,8 @@ class MaskedReference:
     def __init__(self, model):
         self.model = model
 
-    def __call__(self, x, t, y, *, groups=None, separate=False, return_blocks=(), stop_after=None,
-                 project=False):
+    def __call__(self, x, t, y, *, groups=None, separate=False, return_blocks=(), head_blocks=(),
+                 stop_after=None):
         m = self.model
         ids = groups.ids if isinstance(groups, TokenGroups) else groups
         h = m.x_embedder(x) + m.pos_embed
@@ -75,15 +75,17 @@ class MaskedReference:
             c = m.t_embedder(t.reshape(-1)).view(n, g, -1) + m.y_embedder(y)[:, None]
             onehot = F.one_hot(ids, g)
         mask = (ids[:, :, None] == ids[:, None, :])[:, None] if separate else None
-        feats = {}
+        feats, projected = {}, {}
         for i, blk in enumerate(m.blocks[: stop_after or len(m.blocks)], start=1):
             sh1, sc1, g1, sh2, sc2, g2 = per_token(blk.adaLN_modulation(c), onehot).chunk(6, -1)
             h = h + g1 * masked_attention(blk.attn, modulate(blk.norm1(h), sh1, sc1), mask)
             h = h + g2 * blk.mlp(modulate(blk.norm2(h), sh2, sc2))
             if i in return_blocks:
-                feats[i] = m.ap_head(h) if project else h
+                feats[i] = h
+            if i in head_blocks:
+                projected[i] = m.ap_head(h)
         out = None if stop_after else m.unpatchify(m.final_layer(h, c, onehot))
-        return TransformerOutput(out, feats)
+        return TransformerOutput(out, feats, projected)
 
 
 def rel(a, b):
@@ -110,13 +112,17 @@ def test_reordered_attention_equals_the_masked_path(fused, p):
     x = torch.randn(6, 2, 8, 8, requires_grad=True)
     t, y = torch.rand(6, 2), torch.tensor([0, 1, 2, 3, 4, 5])
     for separate in (False, True):
-        kw = dict(groups=groups, separate=separate, return_blocks=(1, 2), project=True)
+        # raw tokens (Dispersive Loss) and head tokens (SRA) of block 1 from the same forward
+        kw = dict(groups=groups, separate=separate, return_blocks=(1, 2), head_blocks=(1,))
         got = model(x, t, y, **kw)
         want = MaskedReference(model)(x, t, y, **kw)
         assert rel(got.output, want.output) < REL
         assert all(rel(got.features[b], want.features[b]) < REL for b in (1, 2))
-        g_got = torch.autograd.grad((got.output ** 2).sum() + got.features[1].sum(), x)[0]
-        g_want = torch.autograd.grad((want.output ** 2).sum() + want.features[1].sum(), x)[0]
+        assert rel(got.projected[1], want.projected[1]) < REL
+        g_got = torch.autograd.grad((got.output ** 2).sum() + got.projected[1].sum()
+                                    + got.features[1].sum(), x)[0]
+        g_want = torch.autograd.grad((want.output ** 2).sum() + want.projected[1].sum()
+                                     + want.features[1].sum(), x)[0]
         assert rel(g_got, g_want) < REL
     # the teacher's call: stop after block 2, block 2's tokens; and a bare id tensor (host read)
     got = model(x, t, y, groups=groups.ids, separate=True, return_blocks=(2,), stop_after=2)

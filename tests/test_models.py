@@ -147,8 +147,11 @@ def test_features_early_stop_and_mode_independence():
     assert a.features == {}  # one return type: nothing asked, no features
     model.eval()
     assert torch.equal(a.output, model(x, t, y).output)  # no train/eval dependence (label dropout is elsewhere)
-    proj = model(x, t, y, return_blocks=(1,), project=True).features[1]
-    assert torch.allclose(proj, model.ap_head(full.features[1]))
+    both = model(x, t, y, return_blocks=(1, 3), head_blocks=(1,))
+    assert torch.equal(both.features[3], full.features[3])  # raw beside the head's tokens
+    assert torch.allclose(both.projected[1], model.ap_head(full.features[1]))
+    legacy = model(x, t, y, return_blocks=(1,), project=True)  # the older spelling
+    assert torch.allclose(legacy.features[1], both.projected[1])
 
 
 def test_bad_inputs_name_the_allowed_values():

@@ -82,10 +82,10 @@ def test_projector_shapes_and_sra_keys_unchanged():
     assert [tuple(getattr(head, f"linear{i}").weight.shape) for i in (1, 2, 3)] == [
         (64, 32), (64, 64), (48, 64)]
     x, t, y = torch.randn(2, 1, 16, 16), torch.rand(2), torch.tensor([1, 2])
-    out = model(x, t, y, return_blocks=(2,), project=True)
-    raw = model(x, t, y, return_blocks=(2,)).features[2]  # (2, 16, 32)
-    assert out.features[2].shape == (2, 16, 48)
-    assert torch.allclose(out.features[2], head(raw))
+    out = model(x, t, y, return_blocks=(2,), head_blocks=(2,))
+    raw = out.features[2]  # (2, 16, 32): the raw tokens beside the head's, one forward
+    assert raw.shape == (2, 16, 32) and out.projected[2].shape == (2, 16, 48)
+    assert torch.allclose(out.projected[2], head(raw))
     # Existing configs keep today's state-dict keys (release checkpoints load strictly).
     sra_keys = set(build_model(tiny()).state_dict())
     assert {k for k in sra_keys if k.startswith("ap_head.")} == {
@@ -323,3 +323,107 @@ def test_latent_run_with_images_has_no_host_sync_in_a_step(tmp_path, tiny_vit_we
     run = trainer.fit()
     model, info = ckpts.load_model(run)
     assert info["model_config"].head_out == 32 and model.ap_head is None
+
+
+# -- iREPA: the conv projector and z-scored targets ---------------------------------------------------
+def test_spatial_zscore_equals_a_loop_over_samples_and_channels():
+    from sra.objectives.repa import spatial_zscore
+
+    torch.manual_seed(0)
+    f = torch.randn(2, 5, 3) * 3 + 1  # (N, T, E)
+    got = spatial_zscore(f, 0.6)
+    for n in range(2):
+        for e in range(3):
+            col = [float(v) for v in f[n, :, e]]
+            mean = sum(col) / 5
+            std = math.sqrt(sum((v - mean) ** 2 for v in col) / 4)  # Bessel's correction
+            want = [(v - 0.6 * mean) / (std + 1e-6) for v in col]
+            assert got[n, :, e].tolist() == pytest.approx(want, abs=1e-6)
+    assert torch.allclose(spatial_zscore(f, 1.0).mean(dim=1), torch.zeros(2, 3), atol=1e-6)
+
+
+def test_conv_projector_works_on_the_token_grid():
+    model = build_model(tiny(head="repa-conv", head_out=48))
+    head = model.ap_head
+    assert set(head.state_dict()) == {"conv.weight", "conv.bias"}
+    assert head.conv.weight.shape == (48, 32, 3, 3) and head.conv.padding == (1, 1)
+    x, t, y = torch.randn(2, 1, 16, 16), torch.rand(2), torch.tensor([1, 2])
+    out = model(x, t, y, return_blocks=(2,), head_blocks=(2,))
+    raw = out.features[2]  # (2, 16, 32): a 4×4 grid, row-major
+    want = F.conv2d(raw.transpose(1, 2).reshape(2, 32, 4, 4), head.conv.weight, head.conv.bias,
+                    padding=1).flatten(2).transpose(1, 2)
+    assert out.projected[2].shape == (2, 16, 48) and torch.allclose(out.projected[2], want, atol=1e-6)
+    # a token moves only its 3×3 neighbourhood: token (1, 2) → tokens of rows 0..2, columns 1..3
+    bumped = raw.clone()
+    bumped[:, 1 * 4 + 2] += 1.0
+    changed = (head(bumped) - head(raw)).abs().sum(dim=(0, 2)) > 0
+    assert changed.nonzero().flatten().tolist() == [r * 4 + c for r in (0, 1, 2) for c in (1, 2, 3)]
+    with pytest.raises(SraError, match="4×4 tokens, got 9"):
+        head(torch.randn(1, 9, 32))
+
+
+def test_zscored_targets_and_the_conv_head_in_the_objective():
+    from sra.objectives.repa import spatial_zscore
+
+    torch.manual_seed(1)
+    model = build_model(tiny(head="repa-conv", head_out=48)).train()
+    encoder = _FixedEncoder()
+    cfg = EncoderAlignConfig(student_block=2, weight=1.0, projector="conv", target_norm="zscore")
+    obj = EncoderAlignObjective(FlowMatching(), cfg, 0.1, 10, encoder, grid=4)
+    x0 = torch.rand(4, 1, 16, 16) * 2 - 1
+    want = spatial_zscore(resize_tokens(encoder.tokens(x0), 4), 0.6)  # on the model's grid
+    assert torch.allclose(obj.targets(x0), want)
+    out = obj(model, _NeverCalled(), x0, torch.tensor([0, 1, 2, 3]), images=x0)
+    out.total.backward()
+    assert model.ap_head.conv.weight.grad.abs().sum() > 0 and out.weight == 1.0
+    with pytest.raises(SraError, match="allowed: mlp, conv"):
+        EncoderAlignConfig(projector="linear")
+    with pytest.raises(SraError, match="allowed: none, zscore"):
+        EncoderAlignConfig(target_norm="l2")
+
+
+def test_a_conv_head_checkpoint_initialises_only_a_conv_head(tmp_path):
+    from sra.checkpoints.weights import config_from_state_dict
+    from sra.training.resume import init_from_weights
+
+    torch.manual_seed(2)
+    conv = build_model(tiny(head="repa-conv", head_out=48))
+    path = tmp_path / "conv.safetensors"
+    save_file({k: v.contiguous() for k, v in conv.state_dict().items()}, str(path))
+    inferred = config_from_state_dict(load_file(str(path)))
+    assert (inferred.head, inferred.head_out, inferred.use_head) == ("repa-conv", 48, True)
+    again = build_model(tiny(head="repa-conv", head_out=48))
+    init_from_weights(again, str(path))
+    assert torch.equal(again.ap_head.conv.weight, conv.ap_head.conv.weight)  # its kind: kept
+    mlp = build_model(tiny(head="repa", head_out=48, projector_dim=64))
+    own = mlp.ap_head.linear1.weight.clone()
+    init_from_weights(mlp, str(path))  # another kind of head: the backbone only
+    assert torch.equal(mlp.ap_head.linear1.weight, own)
+    assert torch.equal(mlp.blocks[0].attn.qkv.weight, conv.blocks[0].attn.qkv.weight)
+    sampler, _ = ckpts.load_model(path)  # sampling drops the conv head too
+    assert sampler.ap_head is None
+
+
+def test_cli_digits_irepa_end_to_end(tmp_path, digits_encoder_cached, capsys):
+    code = main(["train", "--preset", "digits-irepa", *TINY_ARGS, "--max-train-steps", "2",
+                 "--checkpoint-steps", "2", "--output-dir", str(tmp_path)])
+    assert code == 0, capsys.readouterr().err
+    run = tmp_path / "digits-irepa"
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["head"] == "repa-conv" and config["model"]["head_out"] == 48
+    rep = config["encoder_align"]
+    assert (rep["encoder"], rep["projector"], rep["target_norm"], rep["zscore_alpha"],
+            rep["weight"]) == ("digits-classifier", "conv", "zscore", 0.6, 1.0)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["weight"] == 1.0 and -1 <= rows[-1]["align"] <= 1
+    model, _ = ckpts.load_model(run)
+    assert model.ap_head is None
+    student, _ = ckpts.load_model(run, weights="model", with_head=True)
+    assert student.ap_head.conv.weight.shape == (48, 32, 3, 3)
+    capsys.readouterr()
+    assert main(["train", "--preset", "sit-xl2-irepa-256", "--print-config"]) == 0
+    xl = json.loads(capsys.readouterr().out)["encoder_align"]
+    assert (xl["encoder"], xl["student_block"], xl["projector"], xl["target_norm"], xl["weight"]) == (
+        "dinov2-vit-b14", 8, "conv", "zscore", 1.0)
+    assert main(["train", "--preset", "digits", "--projector", "conv", "--print-config"]) == 2
+    assert "--align-target encoder" in capsys.readouterr().err

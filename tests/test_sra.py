@@ -59,7 +59,7 @@ def test_alignment_gradient_flows_through_head_into_early_blocks_only():
     torch.manual_seed(1)
     model = tiny()
     student = model(torch.randn(2, 2, 8, 8), torch.rand(2), torch.tensor([0, 1]),
-                    return_blocks=(2,), project=True).features[2]
+                    head_blocks=(2,)).projected[2]
     align_loss(student, torch.randn(2, 16, 32), AlignConfig()).backward()
     assert model.blocks[1].mlp.fc2.weight.grad.abs().sum() > 0
     assert model.blocks[2].mlp.fc2.weight.grad is None  # block 3 is after s

@@ -36,8 +36,7 @@ def config_from_state_dict(sd: dict[str, torch.Tensor], num_heads: int | None = 
         tokens = sd["pos_embed"].shape[1]
         out = sd["final_layer.linear.weight"].shape[0] // (patch * patch)
         num_classes = sd["y_embedder.embedding_table.weight"].shape[0] - 1
-        head = sd.get("ap_head.linear1.weight")
-        head_dim = None if head is None else head.shape[0]
+        head = _head_fields(sd, hidden)
     except (KeyError, ValueError, IndexError, TypeError, AttributeError, ZeroDivisionError) as exc:
         raise SraError(f"{where}not a SiT/DiT state dict (missing or odd entry: {exc})") from None
     grid = int(round(math.sqrt(tokens)))
@@ -49,9 +48,21 @@ def config_from_state_dict(sd: dict[str, torch.Tensor], num_heads: int | None = 
         family=fam, depth=depth, hidden_size=hidden, num_heads=num_heads, patch_size=patch,
         input_size=grid * patch, in_channels=in_ch, num_classes=num_classes,
         qk_norm="blocks.0.attn.q_norm.weight" in sd,
-        projector_dim=None if head is None or head_dim == 2 * hidden else head_dim,
-        use_head=head is not None,
+        **head,
     )
+
+
+def _head_fields(sd: dict[str, torch.Tensor], hidden: int) -> dict:
+    """The ModelConfig fields of a state dict's projector head (``ap_head``), from its shapes:
+    SRA's (linear1, linear2), REPA's MLP (… linear3 to the encoder's width) or iREPA's conv."""
+    conv, first, last = (sd.get(f"ap_head.{k}.weight") for k in ("conv", "linear1", "linear3"))
+    if conv is not None:
+        return dict(use_head=True, head="repa-conv", head_out=conv.shape[0])
+    if first is None:
+        return dict(use_head=False)
+    if last is not None:
+        return dict(use_head=True, head="repa", head_out=last.shape[0], projector_dim=first.shape[0])
+    return dict(use_head=True, projector_dim=None if first.shape[0] == 2 * hidden else first.shape[0])
 
 
 def load_state_dict_strict(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
@@ -168,7 +179,7 @@ def load_model(
             info["data_info"] = {"kind": "moments", "channels": cfg.in_channels,
                                  "size": cfg.input_size, "num_classes": cfg.num_classes,
                                  "latent_scale": SD_VAE_SCALE, "latent_bias": 0.0, "resolution": res}
-    if not with_head and "ap_head.linear1.weight" in sd:
+    if not with_head:  # any head (SRA's, REPA's MLP, iREPA's conv) is dropped for sampling
         sd = {k: v for k, v in sd.items() if not k.startswith("ap_head.")}
     cfg = replace(cfg, use_head=with_head and cfg.use_head)
     with torch.device("meta"):

@@ -7,6 +7,9 @@ Single GPU:   accelerate launch -m sra.cli train --preset sit-xl2-256 --data-dir
 Laptop CPU:   sra train --preset digits
 REPA:         --align-target encoder (presets sit-xl2-repa-256, digits-repa): block-s tokens
               through a projector toward a frozen encoder's tokens of the clean image
+iREPA:        REPA with --projector conv --target-norm zscore (sit-xl2-irepa-256, digits-irepa)
+Dispersive:   --dispersive-weight λ (sit-b2-dispersive, digits-dispersive): one block's raw tokens
+              spread apart over the micro-batch; alone (--vanilla) or on top of SRA / REPA / DTS
 """
 
 from __future__ import annotations
@@ -46,7 +49,16 @@ FLAGS: list[tuple[list[str], str, object, str]] = [
      "default: the library's pretrained download"),
     (["--encoder-resolution"], "encoder_align.encoder_resolution", int,
      "REPA: encoder input size (default: the encoder's own, 224 for DINOv2)"),
-    (["--projector-dim"], "encoder_align.projector_dim", int, "REPA: projector hidden width P"),
+    (["--projector-dim"], "encoder_align.projector_dim", int,
+     "REPA: hidden width P of the MLP projector"),
+    (["--projector"], "encoder_align.projector", str,
+     "REPA's projector: mlp (REPA: Linear–SiLU–Linear–SiLU–Linear) | conv (iREPA: one 3×3 "
+     "convolution, padding 1, on the token grid from the model's width to the encoder's)"),
+    (["--target-norm"], "encoder_align.target_norm", str,
+     "REPA's encoder tokens: none | zscore (iREPA: (f − α·mean_T f) / (std_T f + 1e-6) per "
+     "channel over the tokens, on the model's grid)"),
+    (["--zscore-alpha"], "encoder_align.zscore_alpha", float,
+     "--target-norm zscore: α, the share of the token mean removed (iREPA: 0.6)"),
     (["--block-out-s", "--encoder-depth"], "align.student_block", int,
      "student block s (1-indexed) fed to the head (SRA's or, with --align-target encoder, REPA's)"),
     (["--block-out-t"], "align.teacher_block", int, "teacher (EMA) block t > s giving the target"),
@@ -59,8 +71,22 @@ FLAGS: list[tuple[list[str], str, object, str]] = [
     (["--align-decay-start"], "align.decay_start", int, "exp-decay: step after which λ decays"),
     (["--align-decay-steps"], "align.decay_steps", int, "exp-decay: steps per factor 0.1"),
     (["--align-until"], "align.until", int,
-     "switch the alignment term off after this optimizer step (HASTE's early stop; the head "
-     "then gets zero gradients, the teacher is no longer run)"),
+     "switch the alignment term (SRA or REPA) and the dispersive term off after this optimizer "
+     "step (HASTE's early stop; the head then gets zero gradients, the teacher is no longer run)"),
+    (["--dispersive-weight"], "dispersive.weight", float,
+     "Dispersive Loss weight λ (0: off): λ·L on the raw output tokens of --dispersive-block in "
+     "the student's own forward (no projector, no positives); adds to SRA/REPA, or alone with "
+     "--vanilla. L is computed over each process's micro-batch (as the authors do), so it "
+     "depends on the micro-batch size"),
+    (["--dispersive-tau"], "dispersive.tau", float,
+     "Dispersive Loss temperature τ of the InfoNCE kinds (paper 0.5; the PyTorch release 1)"),
+    (["--dispersive-kind"], "dispersive.kind", str,
+     "Dispersive Loss: infonce-l2 (the paper's) | infonce-cos | hinge | covariance"),
+    (["--dispersive-block"], "dispersive.block", int,
+     "Dispersive Loss: the block (1-indexed) whose output tokens are dispersed (default: depth // "
+     "4, the paper's; the PyTorch release uses the last block)"),
+    (["--disp-epsilon"], "dispersive.epsilon", float,
+     "Dispersive Loss, --dispersive-kind hinge: the margin ε on ‖z_i − z_j‖²/d"),
     (["--use-alignment-loss"], "align.enabled", str2bool,
      "alignment on/off (off: no teacher; with token groups: DTS/AS alone)"),
     (["--mask-ratio"], "groups.mask_ratios", float_list,
@@ -160,7 +186,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="named starting config; every other flag overrides one field of it "
                         "(default: digits)")
     p.add_argument("--vanilla", action="store_true",
-                   help="no alignment and no teacher (the baseline for comparisons)")
+                   help="no alignment and no teacher (the baseline for comparisons); "
+                        "--dispersive-weight still adds Dispersive Loss")
     p.add_argument("--resume", default=None,
                    help="'auto' (newest complete checkpoint of this run) or a checkpoint path")
     p.add_argument("--epochs", type=int, default=None,
@@ -181,6 +208,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 ENCODER_ROUTES = {"align.student_block": "encoder_align.student_block",
                   "align.weight": "encoder_align.weight", "align.enabled": "encoder_align.enabled",
                   "align.until": "encoder_align.until"}
+# --align-until switches every auxiliary term off, the dispersive one too.
+ALSO_SETS = {"align.until": ("dispersive.until",)}
 TEACHER_ONLY = ("align.teacher_block", "align.t_max", "align.loss_type", "align.schedule",
                 "align.decay_start", "align.decay_steps")
 
@@ -203,6 +232,8 @@ def config_from_args(args: argparse.Namespace):
             raise SraError(f"{names[0]} is for --align-target encoder (REPA); this run aligns "
                            f"to the EMA teacher" + (" (--vanilla: no alignment)" if args.vanilla else ""))
         cfg = override(cfg, ENCODER_ROUTES.get(dest, dest) if target == "encoder" else dest, value)
+        for also in ALSO_SETS.get(dest, ()):
+            cfg = override(cfg, also, value)
     if args.vanilla:
         cfg = override(override(cfg, "align_target", "ema"), "align.enabled", False)
     if cfg.uses_encoder:

@@ -1,6 +1,6 @@
 """The transformer's building blocks: embeddings, attention, the adaLN-Zero block, the final
-layer and the projector heads: SRA's and REPA's (docs/method.md §2, §9.3). Module names equal
-the release's."""
+layer and the projector heads: SRA's, REPA's MLP and iREPA's convolution (docs/method.md §2,
+§9.3, §9.4). Module names equal the release's."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from sra.errors import SraError
 
 FREQ_EMBED_DIM = 256  # sinusoidal time-embedding size (docs/method.md §2.3)
 MAX_PERIOD = 10000.0
@@ -230,3 +232,21 @@ class RepaProjector(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear3(self.act(self.linear2(self.act(self.linear1(x)))))  # (N, T, E)
+
+
+class ConvProjector(nn.Module):
+    """iREPA's head toward an encoder of width E: ONE 3×3 convolution (padding 1) from width D on
+    the token grid, instead of REPA's MLP (docs/method.md §9.4). Stored as ``ap_head`` like the
+    other heads, so sampling drops it the same way."""
+
+    def __init__(self, dim: int, out: int, grid: int, kernel: int = 3):
+        super().__init__()
+        self.grid = grid
+        self.conv = nn.Conv2d(dim, out, kernel_size=kernel, padding=kernel // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape  # (N, T, D), tokens row-major over the grid
+        if t != self.grid * self.grid:
+            raise SraError(f"the conv projector expects {self.grid}×{self.grid} tokens, got {t}")
+        maps = x.transpose(1, 2).reshape(n, d, self.grid, self.grid)  # (N, D, g, g)
+        return self.conv(maps).flatten(2).transpose(1, 2)  # (N, T, E)

@@ -23,8 +23,9 @@ SIZES: dict[str, tuple[int, int, int]] = {
 PATCHES = (2, 4, 8)
 # Projector heads on the student's block-s tokens (``ap_head``): "sra" Linear(D, P)–SiLU–
 # Linear(P, D) (docs/method.md §2.2); "repa" Linear(D, P)–SiLU–Linear(P, P)–SiLU–Linear(P, E)
-# toward an external encoder of width E = ``head_out`` (docs/method.md §9.3).
-HEADS = ("sra", "repa")
+# toward an external encoder of width E = ``head_out`` (docs/method.md §9.3); "repa-conv" iREPA's
+# one 3×3 convolution on the token grid from D to E (docs/method.md §9.4).
+HEADS = ("sra", "repa", "repa-conv")
 REPA_PROJECTOR_DIM = 2048  # REPA's projector width
 MODEL_NAMES: tuple[str, ...] = tuple(
     f"{fam}-{size}/{p}" for fam in FAMILIES for size in SIZES for p in PATCHES
@@ -47,7 +48,7 @@ class ModelConfig:
     qk_norm: bool = False
     projector_dim: int | None = None  # head hidden width; None → 2·hidden_size (SRA) / 2048 (REPA)
     use_head: bool = True  # build the projector head (``ap_head``)
-    head: str = "sra"  # which head: "sra" (out D) or "repa" (out ``head_out``)
+    head: str = "sra"  # which head: "sra" (out D), "repa" or "repa-conv" (out ``head_out``)
     head_out: int | None = None  # REPA head output width E (the encoder's); None for SRA
 
     def __post_init__(self) -> None:
@@ -68,7 +69,7 @@ class ModelConfig:
                 raise SraError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.head not in HEADS:
             raise choice_error("projector head", self.head, HEADS)
-        if self.head == "repa" and (self.head_out is None or self.head_out < 1):
+        if self.head != "sra" and (self.head_out is None or self.head_out < 1):
             raise SraError(f"the REPA head needs its output width (the encoder's), got {self.head_out}")
         if self.projector_dim is not None and self.projector_dim < 1:
             raise SraError(f"projector dim must be ≥ 1, got {self.projector_dim}")
@@ -99,8 +100,8 @@ class ModelConfig:
 
     @property
     def head_out_dim(self) -> int:
-        """Width of the head's output tokens: D for SRA, the encoder's E for REPA."""
-        return self.head_out if self.head == "repa" else self.hidden_size
+        """Width of the head's output tokens: D for SRA, the encoder's E for REPA / iREPA."""
+        return self.hidden_size if self.head == "sra" else self.head_out
 
     def check_blocks(self, blocks, what: str = "block") -> None:
         """Raise a one-line error unless every block number is in 1..depth (the one place this

@@ -23,18 +23,20 @@ import torch
 import torch.nn as nn
 
 from sra.errors import SraError
-from sra.models.layers import (Block, FinalLayer, LabelEmbedder, PatchEmbed, ProjectorHead,
-                               RepaProjector, Split, TimestepEmbedder, group_onehot,
+from sra.models.layers import (Block, ConvProjector, FinalLayer, LabelEmbedder, PatchEmbed,
+                               ProjectorHead, RepaProjector, Split, TimestepEmbedder, group_onehot,
                                sincos_pos_embed_2d)
 from sra.models.registry import ModelConfig
 
 
 class TransformerOutput(NamedTuple):
-    """What ``forward`` returns: the prediction and the requested blocks' tokens (one return
-    type for every call, so DDP and torch.compile see one signature; unpack or use ``.output``)."""
+    """What ``forward`` returns: the prediction, the requested blocks' raw tokens and the blocks'
+    tokens through the projector head (one return type for every call, so DDP and torch.compile
+    see one signature; use ``.output``, ``.features``, ``.projected``)."""
 
     output: torch.Tensor | None  # (N, C_out, H, W); None when stopped early
-    features: dict[int, torch.Tensor]  # block number (1-indexed) → tokens (N, T, D)
+    features: dict[int, torch.Tensor]  # block number (1-indexed) → raw tokens (N, T, D)
+    projected: dict[int, torch.Tensor] = {}  # block → head(tokens) (N, T, D or E); never mutated
 
 
 class TokenGroups(NamedTuple):
@@ -95,7 +97,7 @@ class _Reorder(NamedTuple):
 
 class DiffusionTransformer(nn.Module):
     """SiT / DiT backbone (one class), optionally with a projector head ``ap_head`` (SRA's, or
-    REPA's when ``config.head == "repa"``)."""
+    REPA's MLP when ``config.head == "repa"``, or iREPA's convolution for ``"repa-conv"``)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -111,7 +113,7 @@ class DiffusionTransformer(nn.Module):
             Block(D, config.num_heads, config.mlp_ratio, config.qk_norm) for _ in range(config.depth)
         )
         self.final_layer = FinalLayer(D, config.patch_size, config.out_channels)
-        self.ap_head: ProjectorHead | RepaProjector | None = None
+        self.ap_head: ProjectorHead | RepaProjector | ConvProjector | None = None
         self.initialize_weights()
         if config.use_head:
             # Built after the backbone is initialised so it draws its random numbers last: the
@@ -119,6 +121,8 @@ class DiffusionTransformer(nn.Module):
             # pairs vanilla and SRA runs (their difference is then the loss, not the init).
             if config.head == "repa":
                 self.ap_head = RepaProjector(D, config.head_dim, config.head_out_dim)
+            elif config.head == "repa-conv":  # torch's default conv init, as iREPA's code keeps
+                self.ap_head = ConvProjector(D, config.head_out_dim, config.grid_size)
             else:
                 self.ap_head = ProjectorHead(D, config.head_dim)
             self._init_linears(self.ap_head)
@@ -199,6 +203,7 @@ class DiffusionTransformer(nn.Module):
         groups: torch.Tensor | TokenGroups | None = None,
         separate: bool = False,
         return_blocks: Sequence[int] = (),
+        head_blocks: Sequence[int] = (),
         stop_after: int | None = None,
         project: bool = False,
     ) -> TransformerOutput:
@@ -214,26 +219,33 @@ class DiffusionTransformer(nn.Module):
                 host-side sizes attention separation needs (training passes one; a bare tensor
                 with ``separate`` costs one host read).
             separate: attention separation: a token attends only to tokens of its own group.
-            return_blocks: block numbers (1-indexed) whose output tokens (N, T, D) to return.
+            return_blocks: block numbers (1-indexed) whose raw output tokens (N, T, D) to return.
+            head_blocks: block numbers whose output tokens to return through the projector head
+                ``ap_head`` (a block may be in both: e.g. SRA's head and Dispersive Loss's raw
+                tokens of one block, from one forward).
             stop_after: run only blocks 1..stop_after and skip the final layer (output None).
-            project: pass the returned tokens through the projector head ``ap_head``.
+            project: the older spelling of ``head_blocks=return_blocks`` with the head's tokens
+                in ``features`` (kept for callers outside the package).
         Returns:
             :class:`TransformerOutput`: ``output`` the prediction (N, C_out, H, W) (None after
-            ``stop_after``), ``features`` {block: tokens (N, T, D)} for ``return_blocks``
-            ((N, T, E) through a REPA head).
+            ``stop_after``), ``features`` {block: raw tokens (N, T, D)} for ``return_blocks``,
+            ``projected`` {block: head tokens (N, T, D), or (N, T, E) through a REPA head} for
+            ``head_blocks``.
         """
         ids = groups.ids if isinstance(groups, TokenGroups) else groups
         self._check_inputs(x, t, y, ids, groups.sizes if isinstance(groups, TokenGroups) else ())
         if separate and groups is None:
             raise SraError("attention separation needs token groups")
         wanted = tuple(return_blocks)
-        if wanted or stop_after is not None:
-            self.check_blocks(wanted + ((stop_after,) if stop_after is not None else ()))
+        heads = wanted if project else tuple(head_blocks)
+        if wanted or heads or stop_after is not None:
+            self.check_blocks(wanted + heads + ((stop_after,) if stop_after is not None else ()))
         last = stop_after if stop_after is not None else self.config.depth
-        if any(b > last for b in wanted):
-            raise SraError(f"return_blocks {wanted} ask for blocks after stop_after={stop_after}")
-        if project and self.ap_head is None:
-            raise SraError("project=True needs a projector head, but this model was built without it")
+        if any(b > last for b in wanted + heads):
+            raise SraError(f"blocks {wanted + heads} asked for after stop_after={stop_after}")
+        if heads and self.ap_head is None:
+            raise SraError("tokens through the projector head were asked for, but this model was "
+                           "built without it")
 
         h = self.x_embedder(x) + self.pos_embed  # (N, T, D), position added in the image's order
         if ids is None:
@@ -254,14 +266,19 @@ class DiffusionTransformer(nn.Module):
         split = None if order is None else order.split
         restore = (lambda z: z) if order is None else (lambda z: _Reorder.take(z, order.inverse))
         features: dict[int, torch.Tensor] = {}
+        projected: dict[int, torch.Tensor] = {}
         for i, block in enumerate(self.blocks[:last], start=1):
             h = block(h, c, onehot, split)
-            if i in wanted:
-                features[i] = self.ap_head(restore(h)) if project else restore(h)
+            if i in wanted or i in heads:
+                z = restore(h)  # (N, T, D) in the image's token order
+                if i in wanted and not project:
+                    features[i] = z
+                if i in heads:
+                    projected[i] = self.ap_head(z)
         out = None
         if stop_after is None:
             out = self.unpatchify(restore(self.final_layer(h, c, onehot)))  # (N, C_out, H, W)
-        return TransformerOutput(out, features)
+        return TransformerOutput(out, projected if project else features, projected)
 
 
 def build_model(config: ModelConfig) -> DiffusionTransformer:

@@ -34,8 +34,8 @@ from sra.errors import SraError, check_choice
 from sra.models.layers import group_onehot
 from sra.models.transformer import TokenGroups
 from sra.objectives.denoising import FlowMatching
-from sra.objectives.sra import (AlignConfig, LossOutput, align_loss, align_weight,
-                               check_label_dropout, drop_labels)
+from sra.objectives.sra import (AlignConfig, FeatureTerm, LossOutput, add_term, align_loss,
+                               align_weight, check_label_dropout, drop_labels, term_blocks)
 
 TEACHER_TIMES = ("self_flow", "same", "sra")
 
@@ -164,12 +164,13 @@ class DualTimeObjective:
     """Flow-matching loss on token groups at their own times, plus λ·SRA alignment."""
 
     def __init__(self, process: FlowMatching, groups: GroupConfig, align: AlignConfig,
-                 label_dropout: float, num_classes: int, grid: int, patch: int):
+                 label_dropout: float, num_classes: int, grid: int, patch: int,
+                 extra: FeatureTerm | None = None):
         if not isinstance(process, FlowMatching):
             raise SraError("token groups (--mask-ratio) are for SiT (flow matching) models only")
         self.process, self.groups, self.align = process, groups, align
         self.label_dropout, self.null_label = check_label_dropout(label_dropout), num_classes
-        self.grid, self.patch = grid, patch
+        self.grid, self.patch, self.extra = grid, patch, extra
         self.sizes = group_sizes(groups.mask_ratios, grid * grid)
         self.sampler = GroupSampler(self.sizes, groups.full_sample_prob, groups.full_sample_group)
 
@@ -215,15 +216,17 @@ class DualTimeObjective:
         x_t = path.interpolate(x0, eps, tmap)
         target = path.velocity(x0, eps, tmap)
         weight = align_weight(align, step)
-        blocks = (align.student_block,) if weight > 0 else ()
+        heads = (align.student_block,) if weight > 0 else ()
         out = model(x_t, t, y, groups=groups, separate=cfg.attention_separation,
-                    return_blocks=blocks, project=weight > 0)
+                    return_blocks=term_blocks(self.extra, step), head_blocks=heads)
         denoise = ((out.output.float() - target.float()) ** 2).mean()  # every token, its own target
+        stats: dict[str, torch.Tensor] = {}
         if weight <= 0:
-            return LossOutput(denoise, denoise.detach(), denoise.new_zeros(()), 0.0, {})
+            total = add_term(self.extra, out.features, step, denoise, stats)
+            return LossOutput(total, denoise.detach(), denoise.new_zeros(()), 0.0, stats)
         if teacher is None:
             raise SraError("alignment is on but no teacher (EMA model) was given")
-        student = out.features[align.student_block]  # (N, T, D), through the head
+        student = out.projected[align.student_block]  # (N, T, D), through the head
         with torch.no_grad():
             x_teacher, t_teacher, g_teacher = self.teacher_inputs(x0, eps, x_t, t, groups, align.t_max)
             kwargs = {} if g_teacher is None else dict(
@@ -234,5 +237,6 @@ class DualTimeObjective:
                                     ).features[align.teacher_block]  # (N, T, D)
         loss = align_loss(student, target_tokens, align)
         with torch.no_grad():
-            stats = {"cosine": F.cosine_similarity(student.float(), target_tokens.float(), dim=-1).mean()}
-        return LossOutput(denoise + weight * loss, denoise.detach(), loss.detach(), weight, stats)
+            stats["cosine"] = F.cosine_similarity(student.float(), target_tokens.float(), dim=-1).mean()
+        total = add_term(self.extra, out.features, step, denoise + weight * loss, stats)
+        return LossOutput(total, denoise.detach(), loss.detach(), weight, stats)

@@ -1,8 +1,11 @@
-"""REPA, the external-encoder baseline (docs/method.md §9.3): align the student's tokens with a frozen encoder's.
+"""REPA, the external-encoder baseline (docs/method.md §9.3), and iREPA's two changes to it
+(§9.4): align the student's tokens with a frozen encoder's.
 
 The student's tokens after block ``s`` go through the model's REPA projector (``ap_head``:
-Linear(D, P)–SiLU–Linear(P, P)–SiLU–Linear(P, E)) and are pulled toward a frozen encoder's patch
-tokens of the CLEAN image, resized to the model's token grid:
+Linear(D, P)–SiLU–Linear(P, P)–SiLU–Linear(P, E), or with ``projector="conv"`` iREPA's one 3×3
+convolution on the token grid) and are pulled toward a frozen encoder's patch tokens of the CLEAN
+image, resized to the model's token grid (and with ``target_norm="zscore"`` normalised over the
+token axis, :func:`spatial_zscore`):
 
     align = −mean over (n, token) of cos(h[n, τ, :], z[n, τ, :])   (per token, along features)
     total = denoise + λ·align
@@ -22,10 +25,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sra.errors import SraError
-from sra.objectives.sra import LossOutput, check_label_dropout, check_until, drop_labels, stopped
+from sra.errors import SraError, check_choice
+from sra.objectives.sra import (FeatureTerm, LossOutput, add_term, check_label_dropout, check_until,
+                               drop_labels, stopped, term_blocks)
 
 ALIGN_TARGETS = ("ema", "encoder")  # --align-target: SRA's EMA teacher or REPA's encoder
+PROJECTORS = ("mlp", "conv")  # --projector: REPA's MLP | iREPA's 3×3 convolution
+TARGET_NORMS = ("none", "zscore")  # --target-norm: the encoder tokens as they are | iREPA's
+ZSCORE_EPS = 1e-6  # added to the per-channel std (iREPA's constant)
 
 
 @dataclass(frozen=True)
@@ -38,10 +45,15 @@ class EncoderAlignConfig:
     encoder_resolution: int | None = None  # encoder input size; None → the encoder's own
     student_block: int = 8  # s ("block-out-s", 1-indexed); REPA uses 8 for XL
     weight: float = 0.5  # λ
-    projector_dim: int = 2048  # P, the projector's hidden width
+    projector_dim: int = 2048  # P, the projector's hidden width (the MLP's only)
     until: int | None = None  # --align-until: λ = 0 after this many optimizer steps
+    projector: str = "mlp"  # mlp (REPA) | conv (iREPA: one 3×3 conv, padding 1, D → E)
+    target_norm: str = "none"  # none (REPA) | zscore (iREPA: spatial_zscore of the targets)
+    zscore_alpha: float = 0.6  # α of spatial_zscore (iREPA's ldm/train.py default)
 
     def __post_init__(self) -> None:
+        check_choice("projector (--projector)", self.projector, PROJECTORS)
+        check_choice("target normalisation (--target-norm)", self.target_norm, TARGET_NORMS)
         if self.student_block < 1:
             raise SraError(f"block-out-s must be ≥ 1, got {self.student_block}")
         if self.weight < 0:
@@ -87,6 +99,13 @@ def resize_tokens(tokens: torch.Tensor, grid: int) -> torch.Tensor:
     return maps.flatten(2).transpose(1, 2)  # (N, grid², E)
 
 
+def spatial_zscore(f: torch.Tensor, alpha: float) -> torch.Tensor:
+    """iREPA's normalisation of encoder tokens f (N, T, E) over the token axis, per channel:
+    (f − α·mean_T f) / (std_T f + 1e-6), std with Bessel's correction (torch's default). In fp32."""
+    f = f.float()
+    return (f - alpha * f.mean(dim=1, keepdim=True)) / (f.std(dim=1, keepdim=True) + ZSCORE_EPS)
+
+
 def image_floats(images: torch.Tensor) -> torch.Tensor:
     """uint8 images in 0..255 → float in [-1, 1]; float images (already [-1, 1]) pass through."""
     return images.float() / 127.5 - 1 if images.dtype == torch.uint8 else images.float()
@@ -106,9 +125,10 @@ class EncoderAlignObjective:
     needs_images = True  # the loop passes the clean images as ``images=``
 
     def __init__(self, process, cfg: EncoderAlignConfig, label_dropout: float, num_classes: int,
-                 encoder: nn.Module, grid: int):
+                 encoder: nn.Module, grid: int, extra: FeatureTerm | None = None):
         self.process = process
         self.cfg = cfg
+        self.extra = extra  # e.g. Dispersive Loss on the student's raw tokens
         self.label_dropout = check_label_dropout(label_dropout)
         self.null_label = num_classes
         self.encoder = encoder.eval().requires_grad_(False)
@@ -121,11 +141,13 @@ class EncoderAlignObjective:
 
     @torch.no_grad()
     def targets(self, images: torch.Tensor) -> torch.Tensor:
-        """The encoder's tokens of the clean images, on the model's grid: (N, T, E)."""
+        """The encoder's tokens of the clean images, on the model's grid (z-scored there with
+        ``target_norm="zscore"``): (N, T, E)."""
         if self._device != images.device:  # host-side comparison only: no sync
             self.encoder.to(images.device)
             self._device = images.device
-        return resize_tokens(self.encoder.tokens(image_floats(images)), self.grid)
+        z = resize_tokens(self.encoder.tokens(image_floats(images)), self.grid)
+        return spatial_zscore(z, self.cfg.zscore_alpha) if self.cfg.target_norm == "zscore" else z
 
     def __call__(self, model: nn.Module, teacher: nn.Module | None, x0: torch.Tensor,
                  y: torch.Tensor, step: int = 0, *, images: torch.Tensor | None = None) -> LossOutput:
@@ -140,13 +162,16 @@ class EncoderAlignObjective:
         eps = torch.randn_like(x0)
         x_t = proc.noisy(x0, eps, t)
         weight = self.cfg.weight if self.cfg.active and not stopped(self.cfg.until, step) else 0.0
+        raw = term_blocks(self.extra, step)
         if weight <= 0:
-            pred = model(x_t, t, y).output
-            denoise = proc.loss(pred, x0, eps, t, x_t).mean()
-            return LossOutput(denoise, denoise.detach(), denoise.new_zeros(()), 0.0, {})
+            out = model(x_t, t, y, return_blocks=raw)
+            denoise = proc.loss(out.output, x0, eps, t, x_t).mean()
+            stats: dict[str, torch.Tensor] = {}
+            total = add_term(self.extra, out.features, step, denoise, stats)
+            return LossOutput(total, denoise.detach(), denoise.new_zeros(()), 0.0, stats)
 
-        out = model(x_t, t, y, return_blocks=(s,), project=True)
-        student = out.features[s]  # (N, T, E), through the REPA projector
+        out = model(x_t, t, y, return_blocks=raw, head_blocks=(s,))
+        student = out.projected[s]  # (N, T, E), through the REPA projector
         denoise = proc.loss(out.output, x0, eps, t, x_t).mean()
         target = self.targets(images)  # (N, T, E), no grad
         align = negative_cosine(student, target)
@@ -158,4 +183,5 @@ class EncoderAlignObjective:
                 "target_norm": z32.norm(dim=-1).mean(),
                 "cosine": -align.detach(),
             }
+        total = add_term(self.extra, out.features, step, total, stats)
         return LossOutput(total, denoise.detach(), align.detach(), weight, stats)

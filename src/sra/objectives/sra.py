@@ -9,6 +9,7 @@ target. Total = denoise + λ(step)·align. With alignment off the teacher is nev
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -152,14 +153,43 @@ class LossOutput:
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-class SRAObjective:
-    """Denoising loss of ``process`` plus λ·alignment between student and EMA teacher."""
+class FeatureTerm(Protocol):
+    """A further term on the raw tokens of the objective's own forward pass (Dispersive Loss,
+    ``sra.objectives.dispersive.DispersiveTerm``): the blocks it needs at a step, then its
+    weighted value and logged statistics from the forward's ``features``."""
 
-    def __init__(self, process, align: AlignConfig, label_dropout: float, num_classes: int):
+    def blocks(self, step: int) -> tuple[int, ...]: ...
+
+    def __call__(self, features: dict[int, torch.Tensor], step: int,
+                 like: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+def term_blocks(term: FeatureTerm | None, step: int) -> tuple[int, ...]:
+    """The raw blocks ``term`` needs from the forward at ``step``."""
+    return () if term is None else term.blocks(step)
+
+
+def add_term(term: FeatureTerm | None, features: dict[int, torch.Tensor], step: int,
+             total: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``total`` plus ``term``'s weighted value; its statistics go into ``stats``."""
+    if term is None:
+        return total
+    value, more = term(features, step, total)
+    stats.update(more)
+    return total + value
+
+
+class SRAObjective:
+    """Denoising loss of ``process`` plus λ·alignment between student and EMA teacher (plus an
+    optional :class:`FeatureTerm` on the student's raw tokens, e.g. Dispersive Loss)."""
+
+    def __init__(self, process, align: AlignConfig, label_dropout: float, num_classes: int,
+                 extra: FeatureTerm | None = None):
         self.process = process
         self.align = align
         self.label_dropout = check_label_dropout(label_dropout)
         self.null_label = num_classes
+        self.extra = extra
 
     def check_model(self, model_cfg) -> None:
         """Raise a clear error if the teacher's block does not exist in the model (a ModelConfig)."""
@@ -178,16 +208,18 @@ class SRAObjective:
         eps = torch.randn_like(x0)
         x_t = proc.noisy(x0, eps, t)
         weight = align_weight(cfg, step)
+        raw = term_blocks(self.extra, step)
         if weight <= 0:
-            pred = model(x_t, t, y).output
-            denoise = proc.loss(pred, x0, eps, t, x_t).mean()
-            zero = denoise.new_zeros(())
-            return LossOutput(denoise, denoise.detach(), zero, 0.0, {})
+            out = model(x_t, t, y, return_blocks=raw)
+            denoise = proc.loss(out.output, x0, eps, t, x_t).mean()
+            stats: dict[str, torch.Tensor] = {}
+            total = add_term(self.extra, out.features, step, denoise, stats)
+            return LossOutput(total, denoise.detach(), denoise.new_zeros(()), 0.0, stats)
         if teacher is None:
             raise SraError("alignment is on but no teacher (EMA model) was given")
 
-        out = model(x_t, t, y, return_blocks=(cfg.student_block,), project=True)
-        student = out.features[cfg.student_block]  # (N, T, D), through the head
+        out = model(x_t, t, y, return_blocks=raw, head_blocks=(cfg.student_block,))
+        student = out.projected[cfg.student_block]  # (N, T, D), through the head
         denoise = proc.loss(out.output, x0, eps, t, x_t).mean()
 
         t_teacher = proc.teacher_t(t, cfg.t_max)
@@ -208,4 +240,5 @@ class SRAObjective:
             }
             if cfg.loss_type == "cos-centered":  # the angle this loss actually pulls on
                 stats["cosine_centered"] = centered_cosine(s32, t32).mean()
+        total = add_term(self.extra, out.features, step, total, stats)
         return LossOutput(total, denoise.detach(), align.detach(), weight, stats)

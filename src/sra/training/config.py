@@ -1,5 +1,6 @@
 """Training configuration: :class:`TrainConfig` composes the leaves' own config dataclasses
-(model, flow, alignment — SRA's EMA teacher or REPA's encoder —, optimizer, EMA, data, sampler)
+(model, flow, alignment — SRA's EMA teacher or REPA's encoder —, Dispersive Loss, optimizer, EMA,
+data, sampler)
 with the loop's; named presets; the resolved JSON saved per run. Nothing below the training layer
 imports this file.
 
@@ -20,6 +21,7 @@ from sra.errors import SraError, check_choice
 from sra.models import ModelConfig, model_config
 from sra.models.registry import ModelSpec
 from sra.objectives.denoising import FlowConfig
+from sra.objectives.dispersive import DispersiveConfig
 from sra.objectives.groups import GroupConfig
 from sra.objectives.repa import ALIGN_TARGETS, EncoderAlignConfig
 from sra.objectives.sra import AlignConfig
@@ -76,6 +78,7 @@ class TrainConfig:
     align_target: str = "ema"  # "ema" (SRA, or vanilla) | "encoder" (REPA)
     encoder_align: EncoderAlignConfig = EncoderAlignConfig()  # REPA (align_target "encoder")
     groups: GroupConfig = GroupConfig()  # token groups (dual-time / attention separation); off
+    dispersive: DispersiveConfig = DispersiveConfig()  # Dispersive Loss on raw tokens; off (λ 0)
     optim: OptimConfig = OptimConfig()
     ema: EMAConfig = EMAConfig()
     data: DataConfig = DataConfig()
@@ -114,8 +117,9 @@ def resolve_model_config(cfg: TrainConfig, info: DataInfo) -> ModelConfig:
         rep = cfg.encoder_align
         overrides.update(use_head=rep.active)
         if rep.active:  # the REPA projector ends in the encoder's width
-            overrides.update(head="repa", head_out=encoder_width(rep.encoder),
-                             projector_dim=rep.projector_dim)
+            conv = rep.projector == "conv"  # iREPA's convolution has no hidden width
+            overrides.update(head="repa-conv" if conv else "repa", head_out=encoder_width(rep.encoder),
+                             projector_dim=None if conv else rep.projector_dim)
     for name in ("depth", "hidden_size", "num_heads", "patch_size"):
         if getattr(spec, name) is not None:
             overrides[name] = getattr(spec, name)
@@ -126,6 +130,8 @@ def resolve_model_config(cfg: TrainConfig, info: DataInfo) -> ModelConfig:
         mcfg.check_blocks([cfg.encoder_align.student_block], what="block-out-s")
     elif cfg.align_target == "ema" and cfg.align.active:
         mcfg.check_blocks([cfg.align.teacher_block], what="block-out-t")
+    if cfg.dispersive.active:
+        mcfg.check_blocks([cfg.dispersive.block_for(mcfg.depth)], what="--dispersive-block")
     return mcfg
 
 
@@ -157,26 +163,30 @@ def open_dataset(cfg: TrainConfig):
 
 def build_objective(cfg: TrainConfig, mcfg: ModelConfig):
     """The run's objective: SRA (or vanilla), SRA on token groups when ``groups`` is on, or
-    REPA with the encoder built here and injected (objectives never import ``sra.encoders``)."""
+    REPA with the encoder built here and injected (objectives never import ``sra.encoders``);
+    each with the Dispersive Loss term on its student's raw tokens when ``dispersive`` is on."""
     from sra.objectives import SRAObjective, make_process
+    from sra.objectives.dispersive import build_term
     from sra.objectives.groups import DualTimeObjective
 
     process = make_process(mcfg.family, cfg.flow)
+    extra = build_term(cfg.dispersive, mcfg.depth)
     if cfg.align_target == "encoder":
         if not cfg.uses_encoder:  # λ = 0 or switched off: plain denoising, nothing loaded
             return SRAObjective(process, replace(cfg.align, enabled=False),
-                                cfg.data.label_dropout, mcfg.num_classes)
+                                cfg.data.label_dropout, mcfg.num_classes, extra)
         from sra.encoders import build_encoder
         from sra.objectives.repa import EncoderAlignObjective
 
         rep = cfg.encoder_align
         encoder = build_encoder(rep.encoder, rep.encoder_weights, rep.encoder_resolution)
         return EncoderAlignObjective(process, rep, cfg.data.label_dropout, mcfg.num_classes,
-                                     encoder, grid=mcfg.grid_size)
+                                     encoder, grid=mcfg.grid_size, extra=extra)
     if cfg.groups.active:
         return DualTimeObjective(process, cfg.groups, cfg.align, cfg.data.label_dropout,
-                                 mcfg.num_classes, grid=mcfg.grid_size, patch=mcfg.patch_size)
-    return SRAObjective(process, cfg.align, cfg.data.label_dropout, mcfg.num_classes)
+                                 mcfg.num_classes, grid=mcfg.grid_size, patch=mcfg.patch_size,
+                                 extra=extra)
+    return SRAObjective(process, cfg.align, cfg.data.label_dropout, mcfg.num_classes, extra)
 
 
 def override(cfg, path: str, value):
@@ -226,14 +236,35 @@ _DIGITS_REPA = replace(
     _DIGITS, align_target="encoder", exp_name="digits-repa",
     encoder_align=EncoderAlignConfig(encoder="digits-classifier", student_block=2, weight=0.5,
                                      projector_dim=256))
+# iREPA (docs/method.md §9.4): REPA's XL recipe with one 3×3 conv as the projector, z-scored
+# encoder tokens (α 0.6) and λ 1.0 (its ldm/configs/irepa.yaml); the digits one toward the same
+# digit classifier as digits-repa (the positive control).
+_IREPA = dict(projector="conv", target_norm="zscore", zscore_alpha=0.6, weight=1.0)
+_SIT_XL_IREPA = replace(_SIT_XL_REPA, exp_name="sit-xl2-irepa",
+                        encoder_align=replace(_SIT_XL_REPA.encoder_align, **_IREPA))
+_DIGITS_IREPA = replace(_DIGITS_REPA, exp_name="digits-irepa",
+                        encoder_align=replace(_DIGITS_REPA.encoder_align, **_IREPA))
+# Dispersive Loss (docs/method.md §9.4), the paper's (JAX) recipe: InfoNCE-ℓ2, λ 0.5, τ 0.5 on
+# block depth // 4, on vanilla SiT (no SRA head, no teacher). SiT-B/2: block 3.
+_DISPERSIVE = DispersiveConfig(weight=0.5, tau=0.5, kind="infonce-l2", block=None)
+# (SRA's fields are the B/2 recipe's, switched off: --use-alignment-loss true adds SRA on top.)
+_SIT_B2_DISPERSIVE = TrainConfig(
+    model=ModelSpec(name="SiT-B/2"), dispersive=_DISPERSIVE, exp_name="sit-b2-dispersive",
+    align=AlignConfig(enabled=False, student_block=3, teacher_block=8, t_max=0.2, weight=0.2))
+_DIGITS_DISPERSIVE = replace(_DIGITS, align=replace(_DIGITS.align, enabled=False),
+                             dispersive=_DISPERSIVE, exp_name="digits-dispersive")
 PRESETS: dict[str, TrainConfig] = {
     "digits": _DIGITS,
     "digits-vanilla": override(override(_DIGITS, "align.enabled", False), "exp_name", "digits-vanilla"),
     "digits-repa": _DIGITS_REPA,
+    "digits-irepa": _DIGITS_IREPA,
+    "digits-dispersive": _DIGITS_DISPERSIVE,
     "release-default": TrainConfig(exp_name="sra"),  # s = 4, t = 8
     "sit-xl2-256": _SIT_XL,
     "sit-xl2-512": replace(_SIT_XL, data=DataConfig(resolution=512), exp_name="sit-xl2-512-sra"),
     "sit-xl2-repa-256": _SIT_XL_REPA,
+    "sit-xl2-irepa-256": _SIT_XL_IREPA,
+    "sit-b2-dispersive": _SIT_B2_DISPERSIVE,
     # The paper's B/2 ablation recipe: blocks 3 → 8, t_max 0.2, λ 0.2.
     "sit-b2-256": TrainConfig(
         model=ModelSpec(name="SiT-B/2"),
