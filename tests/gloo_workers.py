@@ -33,16 +33,17 @@ def _tiny(out: Path, exp: str, steps: int):
     from sra.sampling.config import SamplerConfig
     from tiny import tiny_config
 
-    return tiny_config(out, exp_name=exp, **{
-        "align.until": 2, "loop.max_train_steps": steps, "loop.checkpoint_steps": 3,
+    return tiny_config(out, exp_name=exp, **{  # SRA + Dispersive Loss, both off after step 2
+        "align.until": 2, "dispersive.weight": 0.5, "dispersive.until": 2,
+        "loop.max_train_steps": steps, "loop.checkpoint_steps": 3,
         "loop.log_every": 1, "fid.every": 3, "fid.samples": 8, "fid.batch_size": 4,
         "fid.sampler": SamplerConfig(mode="euler", steps=2)})
 
 
 def launch(rank: int, tmp: str) -> dict:
     """On two processes: the run-directory check (:func:`shared_run_dir`), then three runs:
-    (a) λ switched off after step 2 (the head without a gradient from then on) with the digits
-    probe; (b) the same with DDP's default settings; (c) (a) resumed to step 8, where only the
+    (a) SRA + Dispersive Loss, both switched off after step 2 (the head without a gradient from
+    then on) with the digits probe; (b) the same with DDP's default settings; (c) (a) resumed to step 8, where only the
     main process may list and verify checkpoints."""
     import accelerate.utils
     import torch

@@ -150,9 +150,12 @@ REPA_CASES = [pytest.param("digits-repa", "tiny-vit", id="repa-vit")]
 DTS_CASES = [pytest.param("digits-dts-as", {"groups.teacher_t": tt}, id=f"dts-as-{tt}")
              for tt in TEACHER_TIMES] + [
     pytest.param("digits-dts-as", {"groups.full_sample_prob": 0.5}, id="dts-as-full-samples")]
-# issue 20: the dispersive term's cases go here, e.g.
-# pytest.param("digits", {"dispersive.weight": 0.5}, id="dispersive").
-DISPERSIVE_CASES: list = []
+# Dispersive Loss alone (vanilla SiT), on top of SRA and of DTS/AS; iREPA (conv head, z-scored
+# targets) toward the tiny ViT.
+DISPERSIVE_CASES = [pytest.param("digits-dispersive", {}, id="dispersive"),
+                    pytest.param("digits", {"dispersive.weight": 0.5}, id="sra-dispersive"),
+                    pytest.param("digits-dts-as", {"dispersive.weight": 0.5}, id="dts-as-dispersive"),
+                    pytest.param("digits-irepa", "tiny-vit", id="irepa-vit")]
 OBJECTIVE_CASES = SRA_CASES + REPA_CASES + DTS_CASES + DISPERSIVE_CASES
 
 
@@ -179,7 +182,9 @@ def test_objective_forward(tmp_path, preset_name, overrides):
         extra = {"images": x0} if getattr(objective, "needs_images", False) else {}
         with bf16():
             out = objective(model, teacher, x0, y, 10, **extra)
-    assert isinstance(out.weight, float) and out.weight > 0  # the alignment term ran
+    # the alignment term ran, or the dispersive one (alone: λ_align = 0)
+    assert isinstance(out.weight, float) and (out.weight > 0 or cfg.dispersive.active)
+    assert ("dispersive" in out.stats) == cfg.dispersive.active
     for name, v in {"total": out.total, "denoise": out.denoise, "align": out.align, **out.stats}.items():
         assert v.shape == () and v.device == CUDA, name
     assert out.total.requires_grad

@@ -1,8 +1,10 @@
 """Two gloo processes: one run directory for all, decisions on the main process, one
-verification per resume, artefacts before the first step, a zero alignment weight under DDP
-(without find_unused_parameters), DDP's settings leave the numbers unchanged, compute summed."""
+verification per resume, artefacts before the first step, a zero alignment (and dispersive)
+weight under DDP (without find_unused_parameters), DDP's settings leave the numbers unchanged,
+compute summed."""
 
 import json
+import math
 
 import pytest
 
@@ -36,6 +38,10 @@ def test_alignment_switched_off_mid_run_keeps_ddp_going(two_process_runs):
     weights = [r["weight"] for r in train]
     assert weights[:2] == [0.5, 0.5] and weights[2:] == [0.0] * 6  # --align-until 2
     assert all(r["align"] == 0.0 for r in train[2:])
+    # the dispersive term on top: on with SRA, off with it, and the run goes on past the switch
+    assert [r["dispersive_weight"] for r in train] == [0.5, 0.5] + [0.0] * 6
+    assert all(r["dispersive"] < 0 for r in train[:2]) and all(r["dispersive"] == 0 for r in train[2:])
+    assert all(math.isfinite(r["loss"]) for r in train)
 
 
 def test_the_main_process_alone_decides_and_verifies_the_resume(two_process_runs):

@@ -310,10 +310,13 @@ class _SyncCounter:
 
 
 DTS_AS = {"groups.mask_ratios": (0.25,), "groups.full_sample_prob": 0.5}  # + teacher mask
+# SRA + Dispersive Loss, both switched off after step 5 (the head anchored from then on)
+DISPERSIVE = {"dispersive.weight": 0.5, "align.until": 5, "dispersive.until": 5}
 
 
-@pytest.mark.parametrize("model, extra", [("SiT-S/4", {}), ("DiT-S/4", {}), ("SiT-S/4", DTS_AS)],
-                         ids=["sra", "dit", "dts-as"])
+@pytest.mark.parametrize("model, extra", [("SiT-S/4", {}), ("DiT-S/4", {}), ("SiT-S/4", DTS_AS),
+                                          ("SiT-S/4", DISPERSIVE)],
+                         ids=["sra", "dit", "dts-as", "sra-dispersive"])
 def test_no_host_sync_inside_a_training_step(tmp_path, monkeypatch, model, extra):
     cfg = tiny_cfg(tmp_path, **{"loop.max_train_steps": 9, "loop.log_every": 4, "model.name": model,
                                 "loop.checkpoint_steps": 100, "loop.grid_samples": 0, **extra})
