@@ -240,3 +240,18 @@ def _help(capsys) -> str:
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     return " ".join(capsys.readouterr().out.split())
+
+
+def test_the_model_card_names_the_method():
+    from dataclasses import asdict
+
+    from sra.training.config import override
+    from sra.training.publish import _method
+
+    card = _method(asdict(override(preset("digits-dispersive"), "dispersive.until", 300)))
+    assert card.startswith("vanilla (no alignment); Dispersive Loss (infonce-l2, λ 0.5, τ 0.5)")
+    assert card.endswith("switched off after step 300")
+    assert _method(asdict(preset("digits-irepa"))).startswith("iREPA: the student's block-2 tokens "
+                                                             "through a conv projector")
+    assert _method(asdict(preset("digits-repa"))).startswith("REPA:")  # not SRA's description
+    assert _method(asdict(preset("digits-vanilla"))) == "vanilla (denoising loss only, no alignment)"

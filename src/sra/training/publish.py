@@ -88,8 +88,18 @@ def sample_command(config: dict, ckpt: str) -> str:
 
 def _method(run: dict) -> str:
     align, groups = run.get("align") or {}, run.get("groups") or {}
-    if not align.get("enabled", True) or not align.get("weight", 0):
-        method = "vanilla (denoising loss only, no alignment)"
+    rep, disp = run.get("encoder_align") or {}, run.get("dispersive") or {}
+    if run.get("align_target") == "encoder" and rep.get("enabled", True) and rep.get("weight", 0):
+        irepa = rep.get("projector") == "conv" or rep.get("target_norm") == "zscore"
+        method = (f"{'iREPA' if irepa else 'REPA'}: the student's block-{rep.get('student_block')} "
+                  f"tokens through a {rep.get('projector', 'mlp')} projector are aligned (−cosine, "
+                  f"λ {rep.get('weight')}) with {rep.get('encoder')}'s tokens of the clean image"
+                  + (f" (z-scored over tokens, α {rep.get('zscore_alpha')})"
+                     if rep.get("target_norm") == "zscore" else ""))
+    elif run.get("align_target") == "encoder" or not align.get("enabled", True) \
+            or not align.get("weight", 0):
+        method = ("vanilla (no alignment)" if disp.get("weight", 0)
+                  else "vanilla (denoising loss only, no alignment)")
     else:
         method = (f"SRA: the student's block-{align.get('student_block')} tokens through a projector "
                   f"head are aligned ({align.get('loss_type')}, λ {align.get('weight')}) with the EMA "
@@ -101,6 +111,13 @@ def _method(run: dict) -> str:
                    f"{'on' if groups.get('dual_time') else 'off'}, attention separation "
                    f"{'on' if groups.get('attention_separation') else 'off'}, teacher time "
                    f"{groups.get('teacher_t')})")
+    if disp.get("weight", 0):
+        method += (f"; Dispersive Loss ({disp.get('kind')}, λ {disp.get('weight')}, τ "
+                   f"{disp.get('tau')}) on block {disp.get('block') or 'depth // 4'}'s raw tokens")
+    untils = (rep if run.get("align_target") == "encoder" else align).get("until"), disp.get("until")
+    until = next((u for u in untils if u is not None), None)
+    if until is not None:
+        method += f"; the alignment / dispersive terms switched off after step {until}"
     return method
 
 
