@@ -86,6 +86,29 @@ def test_arms_means_se_paired_delta_and_marks(two_arms):
     assert late.mean == pytest.approx(1 / 6) and late.se == pytest.approx(math.sqrt(1 / 12) / math.sqrt(3))
 
 
+def test_best_point_and_where_delta_is_beyond_two_se(two_arms):
+    """Best = the most favourable Δ/SE (step 20: −8/3 ± 1/3, not step 10's −1 ± 0.58; step 30's
+    Δ 0 ± 0 has no SE); beyond 2 SE at equal steps: only step 20, lower; the report and JSON
+    say both."""
+    from sra.compare.report import markdown, step_ranges, to_json
+    from sra.compare.stats import Delta, best_index, marked
+
+    cmp = compare(two_arms)
+    deltas = cmp.tables["steps"].delta["align.weight=0.5"]
+    assert best_index(deltas) == 1 and marked(deltas, "↓") == [1] and marked(deltas, "↑") == []
+    assert best_index(deltas, lower_is_better=False) == 3  # +1/3 ± 1/3: the best rise
+    no_se = [Delta(-1.0, math.nan, 1, 1, True), Delta(-2.0, math.nan, 1, 1, True)]
+    assert best_index(no_se) == 1 and best_index([]) is None
+    assert step_ranges([125, 250, 375, 500, 625], [0, 2, 3, 4]) == "125, 375–625"
+    row = next(line for line in markdown(cmp).splitlines() if line.startswith("| `align.weight=0.5` | 3"))
+    # equal compute (SRA at half vanilla's step): Δ −7, −7, −4 at 20; +3, +3, +5 at 30; ≥ +6 at 40
+    assert row.endswith("| **-2.67 ± 0.33** ↓ @ 20 | ↓ 20 | ↓ 20; ↑ 30–40 |")
+    js = to_json(cmp)["tables"]["steps"]["arms"]
+    assert js["align.weight=0.5"]["best"]["step"] == 20
+    assert js["align.weight=0.5"]["beyond_2se"] == {"lower": [20], "higher": []}
+    assert js["align.weight=0"]["best"] is None  # the baseline has no Δ
+
+
 def test_late_fraction_and_welch_when_seeds_do_not_pair(tmp_path):
     dirs = [write_run(tmp_path, f"van-s{s}", s, 0.0, BASE[s]) for s in range(3)]
     dirs += [write_run(tmp_path, f"sra-s{s}", s, 0.5, {10: v, 20: v, 30: v, 40: v})

@@ -60,6 +60,8 @@ def write_plot(cmp: Comparison, path: str | Path) -> Path:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if len(cmp.arms) > len(colors):  # the default cycle has 10: more arms would share colours
+        colors = list(plt.get_cmap("tab20").colors)
     values = [p.value for a in cmp.arms for r in a.runs for p in metric_points(r, cmp.metric)]
     log_y = min(values) > 0 and max(values) / min(values) > 20  # FD falls 40-fold early on
     any_compute = False

@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from sra.atomic import atomic_write_json
 from sra.compare.analysis import AxisTable
 from sra.compare.arms import differing_keys, fmt_value
 from sra.compare.pipeline import Comparison
-from sra.compare.stats import SIG_SE, Delta, Estimate
+from sra.compare.stats import SIG_SE, Delta, Estimate, best_index, marked
 
 AXIS_TITLES = {"steps": "Equal steps", "images": "Equal images seen",
                "compute": "Equal compute: at the baseline's mean cumulative compute"}
@@ -73,7 +73,9 @@ def _arms(cmp: Comparison) -> list[str]:
     steps, compute = cmp.tables["steps"], cmp.tables["compute"]
     base_cost = cmp.cost.get(cmp.baseline.name)
     lines = [f"| arm | runs | seeds | compute/step ({unit}) | × baseline | late ± SE | "
-             f"late Δ, equal steps | late Δ, equal compute |", "|---|---|---|---|---|---|---|---|"]
+             f"late Δ, equal steps | late Δ, equal compute | best Δ, equal steps | "
+             f"beyond {SIG_SE:g} SE, equal steps | beyond {SIG_SE:g} SE, equal compute |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm in cmp.arms:
         c = cmp.cost.get(arm.name)
         ratio = _ratio(c, base_cost)
@@ -81,8 +83,40 @@ def _arms(cmp: Comparison) -> list[str]:
         lines.append(f"| `{arm.name}` | {len(arm.runs)} | {', '.join(map(str, arm.seeds))} | "
                      f"{fmt_est(c)} | {ratio} | {fmt_est(steps.late_mean.get(arm.name))} | "
                      f"{fmt_delta(steps.late_delta.get(arm.name))} | "
-                     f"{fmt_delta(compute.late_delta.get(arm.name)) if not compute.unavailable else '–'} |")
+                     f"{fmt_delta(compute.late_delta.get(arm.name)) if not compute.unavailable else '–'} | "
+                     f"{_best(cmp, steps, arm.name)} | {_beyond(steps, arm.name)} | "
+                     f"{_beyond(compute, arm.name) if not compute.unavailable else '–'} |")
     return lines
+
+
+def _best(cmp: Comparison, t: AxisTable, arm: str) -> str:
+    """The arm's strongest showing on the axis: "Δ ± SE @ step"."""
+    deltas = t.delta.get(arm, [])
+    i = best_index(deltas, cmp.lower_is_better)
+    return "–" if i is None else f"{fmt_delta(deltas[i])} @ {t.steps[i]}"
+
+
+def step_ranges(steps: Sequence[int], idx: Sequence[int]) -> str:
+    """Grid indices → their steps, runs of neighbouring points as "a–b" ("375–1000, 125")."""
+    parts, run = [], []
+    for i in idx:
+        if run and i != run[-1] + 1:
+            parts.append(run)
+            run = []
+        run.append(i)
+    if run:
+        parts.append(run)
+    return ", ".join(f"{steps[r[0]]}" if len(r) == 1 else f"{steps[r[0]]}–{steps[r[-1]]}"
+                     for r in parts)
+
+
+def _beyond(t: AxisTable, arm: str) -> str:
+    """Where the arm's Δ is beyond 2 SE on the axis: "↓ 375–1000; ↑ 125", or "none"."""
+    deltas = t.delta.get(arm)
+    if deltas is None:
+        return "–"
+    out = [f"{m} {step_ranges(t.steps, marked(deltas, m))}" for m in ("↓", "↑") if marked(deltas, m)]
+    return "; ".join(out) or "none"
 
 
 def _axis(cmp: Comparison, t: AxisTable) -> list[str]:
@@ -138,16 +172,28 @@ def _delta(d: Delta | None) -> dict | None:
                                    "n_baseline": d.n_base, "paired": d.paired, "mark": d.mark()}
 
 
-def _table_json(t: AxisTable) -> dict[str, Any]:
+def _table_json(t: AxisTable, lower_is_better: bool) -> dict[str, Any]:
     return {"unit": t.unit, "steps": t.steps, "images_seen": t.images, "x": [_num(x) for x in t.x],
             "late_steps": [t.steps[i] for i in t.late], "unavailable": t.unavailable or None,
             "arms": {name: {"mean": [_est(e) for e in t.mean[name]],
                             "delta": [_delta(d) for d in t.delta.get(name, [])] or None,
                             "late": _est(t.late_mean.get(name)),
                             "late_delta": _delta(t.late_delta.get(name)),
+                            **_marks_json(t, name, lower_is_better),
                             "runs": [{"run": run, "seed": seed, "values": [_num(v) for v in vals]}
                                      for seed, run, vals in t.values[name]]}
                      for name in t.values}}
+
+
+def _marks_json(t: AxisTable, arm: str, lower_is_better: bool) -> dict[str, Any]:
+    """The arm's best point and the steps where its Δ is beyond 2 SE (none for the baseline)."""
+    deltas = t.delta.get(arm)
+    if not deltas:
+        return {"best": None, "beyond_2se": None}
+    i = best_index(deltas, lower_is_better)
+    best = None if i is None else {"step": t.steps[i], "delta": _delta(deltas[i])}
+    return {"best": best, "beyond_2se": {"lower": [t.steps[j] for j in marked(deltas, "↓")],
+                                         "higher": [t.steps[j] for j in marked(deltas, "↑")]}}
 
 
 def to_json(cmp: Comparison) -> dict[str, Any]:
@@ -161,7 +207,7 @@ def to_json(cmp: Comparison) -> dict[str, Any]:
                       "differs": {k: fmt_value(a.config.get(k)) for k in keys},
                       "compute_per_step": _est(cmp.cost.get(a.name)),
                       "cost_ratio": _ratio(cmp.cost.get(a.name), base_cost)} for a in cmp.arms],
-            "tables": {axis: _table_json(t) for axis, t in cmp.tables.items()},
+            "tables": {axis: _table_json(t, cmp.lower_is_better) for axis, t in cmp.tables.items()},
             "warnings": cmp.warnings, "notes": cmp.notes, "left_out": cmp.left_out}
 
 

@@ -41,6 +41,23 @@ class Delta:
         return "↓" if self.mean < 0 else "↑"
 
 
+def best_index(deltas: Sequence[Delta], lower_is_better: bool = True) -> int | None:
+    """The point of an arm's strongest showing against the baseline: the most favourable Δ/SE
+    (a metric's scale can change many-fold over a run, so the raw Δ would pick the noisiest early
+    point), or the most favourable Δ where no point has an SE; None when no point has a Δ."""
+    sign = 1.0 if lower_is_better else -1.0
+    ok = [(i, d) for i, d in enumerate(deltas) if d.n and math.isfinite(d.mean)]
+    with_se = [(i, d) for i, d in ok if math.isfinite(d.se) and d.se > 0]
+    if with_se:
+        return min(with_se, key=lambda p: sign * p[1].mean / p[1].se)[0]
+    return min(ok, key=lambda p: sign * p[1].mean)[0] if ok else None
+
+
+def marked(deltas: Sequence[Delta], mark: str) -> list[int]:
+    """The indices of the points whose Δ carries ``mark`` (↓ or ↑: beyond 2 SE that way)."""
+    return [i for i, d in enumerate(deltas) if d.mark() == mark]
+
+
 def finite(xs: Sequence[float | None]) -> list[float]:
     """The values that are numbers (None and NaN dropped)."""
     return [float(x) for x in xs if x is not None and math.isfinite(x)]
