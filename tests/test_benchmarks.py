@@ -92,3 +92,23 @@ def test_release_teacher_runs_everything_and_release_ema_matches_ours():
     release_path.update_ema_loop(ema_b, model, 0.9)
     for a, b in zip(ema_a.parameters(), ema_b.parameters()):
         torch.testing.assert_close(a, b)
+
+
+def test_bench_arms_times_every_arm_of_a_regime(tmp_path):
+    """The side-by-side step cost of a study regime's arms (benchmarks/bench_arms.py) on a tiny
+    regime file: every arm timed, ratios to the baseline."""
+    bench_arms = _load("bench_arms")
+    regime = tmp_path / "tiny.toml"
+    regime.write_text('baseline = "vanilla"\n[flags]\ndepth = 4\nhidden-size = 32\nnum-heads = 2\n'
+                      'batch-size = 8\n[arms.vanilla]\npreset = "digits-vanilla"\n'
+                      '[arms.sra]\npreset = "digits"\n')
+    threads = torch.get_num_threads()
+    try:
+        res = bench_arms.main(["--regime", str(regime), "--threads", "1", "--warmup", "0",
+                               "--repeats", "2", "--json", str(tmp_path / "arms.json")])
+    finally:
+        torch.set_num_threads(threads)
+    arms = res["cases"][0]["arms"]
+    assert list(arms) == ["vanilla", "sra"] and arms["vanilla"]["ratio"] == 1.0
+    assert arms["sra"]["n"] == 2 and arms["sra"]["median_s"] > 0
+    assert (tmp_path / "arms.json").is_file()
