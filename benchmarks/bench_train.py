@@ -16,7 +16,7 @@ teacher forward            blocks 1..t only (``stop_after``)           every blo
 teacher precision          the student's autocast                      fp32, outside autocast
 attention                  SDPA                                        explicit softmax(qkᵀ)v
 AdamW                      fused (CUDA and CPU), as the loop           ``foreach=False`` loop
-EMA                        ``_foreach_lerp_`` (:func:`update_ema`)     python loop, mul_/add_
+EMA                        one flat lerp per dtype (:class:`EMAUpdater`) python loop, mul_/add_
                                                                        (:func:`update_ema_loop`)
 compile (``--compile``)    "ours+compile": student and teacher         never
                            forwards, as ``sra train --compile``
@@ -57,7 +57,7 @@ from report import (  # noqa: E402
 )
 from sra.models import build_model  # noqa: E402
 from sra.objectives import FlowConfig, SRAObjective, make_process  # noqa: E402
-from sra.training.ema import make_ema, update_ema  # noqa: E402
+from sra.training.ema import EMAUpdater, make_ema  # noqa: E402
 
 # Release defaults (docs/method.md §4.4): AdamW, clip, EMA decay, label dropout.
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-4, (0.9, 0.999), 1e-8, 0.0
@@ -69,7 +69,7 @@ LOSS_TOL_FP32 = 1e-5  # step-0 |Δloss| allowed between the paths when both run 
 PATH_CHOICES = {
     "ours": ("teacher stops after block t (no final layer), teacher under the same autocast, "
              "SDPA attention, AdamW fused (CUDA and CPU, as the training loop), "
-             "EMA one foreach lerp"),
+             "EMA one flat lerp per dtype group"),
     "ours+compile": ("as ours, with the student and the teacher (EMA) forwards through "
                      "torch.compile (as `sra train --compile`)"),
     "release": ("teacher runs every block and the final layer, teacher outside autocast in fp32, "
@@ -94,12 +94,13 @@ def build_path(kind: str, base: nn.Module, case: TrainCase, device: torch.device
         teacher = ReleaseTeacher(ema, device.type)  # every block + final layer, fp32
         ema_fn = update_ema_loop
     else:  # as sra.training.loop.Trainer (torch ≥ 2.4 has the fused kernel for CPU too)
+        updater = EMAUpdater(ema, model)  # flattens both, before the optimizer sees them
         opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS,
                                 weight_decay=WEIGHT_DECAY, fused=True)
         teacher = ema
-        ema_fn = update_ema
+        ema_fn = lambda ema, model, decay, apply: updater.update(decay, apply=apply)  # noqa: E731
     forward_model = model
-    if kind == "ours+compile":  # as the loop; update_ema keeps working on ``ema`` itself
+    if kind == "ours+compile":  # as the loop; the EMA update keeps working on ``ema`` itself
         forward_model, teacher = torch.compile(model), torch.compile(ema)
     if objective is None:
         objective = SRAObjective(make_process(case.model.family, FlowConfig()), case.align,
