@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+from host_reads import HostReads
 from sra.errors import SraError
 from sra.models import build_model, model_config
 from sra.models.transformer import TokenGroups
@@ -311,36 +312,15 @@ def test_reference_compat_switches():
         assert torch.equal(seen["teacher"], y if undropped else seen["student"])
 
 
-class _HostReads:
-    """Counts reads of tensor values on the host (what syncs with a device)."""
-
-    def __init__(self, monkeypatch):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        self.events = events = []
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default):
-                    events.append(str(func))
-                return func(*args, **(kwargs or {}))
-
-        self.mode = Mode()
-        for name in ("tolist", "numpy"):
-            real = getattr(torch.Tensor, name)
-            monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _r=real, _n=name, **k:
-                                (events.append(_n), _r(t, *a, **k))[1])
-
-
 @pytest.mark.parametrize("strategy,p", [("sra", 0.0), ("sra", 0.5), ("same", 1.0),
                                         ("self_flow", 0.5)])
 def test_a_dual_time_step_reads_nothing_back(monkeypatch, strategy, p):
     model, teacher = tiny(use_head=True).train(), tiny()
     obj = _objective(teacher_t=strategy, full_sample_prob=p)
     x0, y = torch.randn(6, 2, 8, 8), torch.tensor([0, 1, 2, 3, 4, 0])
-    reads = _HostReads(monkeypatch)
+    reads = HostReads(monkeypatch)
     random.seed(1)
-    with reads.mode:
+    with reads:
         for _ in range(2):
             obj(model, teacher, x0, y).total.backward()
     assert reads.events == []

@@ -3,7 +3,6 @@ sync in any sampler step."""
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from sra.diffusion.paths import get_path
 from sra.errors import SraError
@@ -11,6 +10,7 @@ from sra.models import ModelConfig, TransformerOutput, build_model
 from sra.sampling import SamplerConfig, cfg_combine, generate, guided, preset
 from sra.sampling.flow import ode_sample, sde_sample
 from sra.sampling.schedules import ddpm_schedule, ode_times, sampler_grid, sde_times
+from host_reads import HostReads
 
 M, S = 1.5, 0.5  # data ~ N(M, S²) per dimension
 
@@ -169,31 +169,10 @@ def test_solvers_take_any_grid():
 
 
 # -- host–device syncs ---------------------------------------------------------------------------------
-class _SyncCounter(TorchDispatchMode):
-    """Counts host reads of tensor values once ``armed``: ``_local_scalar_dense`` (behind .item(),
-    bool(), int(), float()) and ``aten.equal`` seen by this dispatch mode, plus .tolist()/.numpy()
-    (which do not dispatch on the CPU but copy device → host on a GPU)."""
-
-    def __init__(self, monkeypatch):
-        super().__init__()
-        self.armed, self.events = False, []
-        for name in ("tolist", "numpy"):
-            real = getattr(torch.Tensor, name)
-
-            def wrapper(t, *a, _real=real, _name=name, **k):
-                self.record(_name)
-                return _real(t, *a, **k)
-
-            monkeypatch.setattr(torch.Tensor, name, wrapper)
-
-    def record(self, what: str) -> None:
-        if self.armed:
-            self.events.append(what)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default):
-            self.record(str(func))
-        return func(*args, **(kwargs or {}))
+def _counter(monkeypatch) -> HostReads:
+    counter = HostReads(monkeypatch)
+    counter.armed = False  # armed where the solver starts (_arm_at_solver_entry) or by hand
+    return counter
 
 
 def _arm_at_solver_entry(monkeypatch, counter) -> None:
@@ -212,7 +191,7 @@ def _arm_at_solver_entry(monkeypatch, counter) -> None:
 
 def test_sync_counter_sees_host_reads(monkeypatch):
     """The counter below is not blind: each kind of host read it looks for is counted."""
-    counter = _SyncCounter(monkeypatch)
+    counter = _counter(monkeypatch)
     counter.armed = True
     with counter:
         t = torch.ones(3)
@@ -227,7 +206,7 @@ def test_no_host_sync_in_any_sampler_step(monkeypatch, mode):
     model = _tiny("DiT" if mode in ("ddpm", "ddim") else "SiT")
     cfg = SamplerConfig(mode=mode, steps=4, cfg_scale=1.5, guidance_high=0.7,
                         ddim_eta=0.5 if mode == "ddim" else 0.0)
-    counter = _SyncCounter(monkeypatch)
+    counter = _counter(monkeypatch)
     _arm_at_solver_entry(monkeypatch, counter)
     steps = []
     with counter:

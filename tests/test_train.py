@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from sra.cli import main
 from sra.training.config import override
+from host_reads import HostReads
 from tiny import tiny_config
 from sra.errors import SraError
 from sra.objectives.sra import LossOutput, SRAObjective
@@ -276,39 +277,6 @@ def test_resume_with_another_batch_layout_is_refused(tmp_path, capsys, flag, val
 
 
 # -- host–device syncs ---------------------------------------------------------------------------------
-class _SyncCounter:
-    """Counts host reads of tensor values: `_local_scalar_dense` (behind .item(), bool(), int(),
-    float()) seen by a dispatch mode, plus .tolist()/.numpy() calls (which do not dispatch on CPU
-    but copy device → host on a GPU)."""
-
-    def __init__(self, trainer):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        counter = self
-        self.trainer, self.events = trainer, []
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default):
-                    counter.record(str(func))
-                return func(*args, **(kwargs or {}))
-
-        self.mode = Mode()
-
-    def record(self, what):
-        self.events.append((self.trainer.step, self.trainer._in_step, what))
-
-    def wrap(self, name):
-        real = getattr(torch.Tensor, name)
-        counter = self
-
-        def wrapper(t, *a, **k):
-            counter.record(name)
-            return real(t, *a, **k)
-
-        return real, wrapper
-
-
 DTS_AS = {"groups.mask_ratios": (0.25,), "groups.full_sample_prob": 0.5}  # + teacher mask
 # SRA + Dispersive Loss, both switched off after step 5 (the head anchored from then on)
 DISPERSIVE = {"dispersive.weight": 0.5, "align.until": 5, "dispersive.until": 5}
@@ -325,7 +293,7 @@ def test_no_host_sync_inside_a_training_step(tmp_path, monkeypatch, model, extra
     # which is no device sync; what is counted is the step itself.
     trainer.loader = list(itertools.islice(iter(trainer.loader), 9))
     trainer._in_step = False
-    counter = _SyncCounter(trainer)
+    counter = HostReads(monkeypatch, label=lambda: (trainer.step, trainer._in_step))
     real_step = Trainer._train_step
 
     def step(self, batches):
@@ -336,10 +304,7 @@ def test_no_host_sync_inside_a_training_step(tmp_path, monkeypatch, model, extra
             self._in_step = False
 
     monkeypatch.setattr(Trainer, "_train_step", step)
-    for name in ("tolist", "numpy"):
-        real, wrapper = counter.wrap(name)
-        monkeypatch.setattr(torch.Tensor, name, wrapper)
-    with counter.mode:
+    with counter:
         trainer.fit()
     # no step reads a value on the host; between steps, only the log steps 4 and 8 (and the last) do
     inside = [e for e in counter.events if e[1]]
