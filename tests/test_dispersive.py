@@ -11,13 +11,13 @@ import torch
 
 from sra.cli import main
 from sra.errors import SraError
-from sra.models import ModelConfig, build_model
 from sra.objectives import AlignConfig, SRAObjective, make_process
 from sra.objectives.dispersive import (DISPERSIVE_KINDS, DispersiveConfig, DispersiveTerm,
                                        build_term, dispersive_loss)
 from sra.objectives.groups import DualTimeObjective, GroupConfig
 from sra.objectives.repa import EncoderAlignConfig, EncoderAlignObjective
 from sra.training.config import preset
+from tiny import live_model
 
 
 # -- the formulas, written out as loops over samples (and features) -------------------------------
@@ -126,14 +126,8 @@ def test_the_term_is_switched_off_after_until_and_its_block_defaults_to_depth_ov
 
 
 def _tiny_model(head="sra", **kw):
-    cfg = ModelConfig(depth=4, hidden_size=32, num_heads=2, patch_size=4, input_size=16,
+    return live_model(depth=4, hidden_size=32, num_heads=2, patch_size=4, input_size=16,
                       in_channels=1, num_classes=10, head=head, **kw)
-    model = build_model(cfg)
-    with torch.no_grad():  # leave adaLN-Zero so that every block gets gradients
-        for b in model.blocks:
-            b.adaLN_modulation[1].weight.normal_(std=0.1)
-        model.final_layer.linear.weight.normal_(std=0.1)
-    return model
 
 
 class _Encoder(torch.nn.Module):

@@ -6,22 +6,17 @@ import pytest
 import torch
 
 from sra.errors import SraError
-from sra.models import ModelConfig, build_model
+from sra.models import ModelConfig
 from sra.objectives import (
     AlignConfig, FlowConfig, FlowMatching, SRAObjective, align_loss, align_weight, drop_labels,
     make_process,
 )
+from tiny import live_model
 
 
 def tiny(family="SiT") -> torch.nn.Module:
-    cfg = ModelConfig(family=family, depth=4, hidden_size=32, num_heads=4, patch_size=2,
+    return live_model(family=family, depth=4, hidden_size=32, num_heads=4, patch_size=2,
                       input_size=8, in_channels=2, num_classes=3)
-    model = build_model(cfg)
-    with torch.no_grad():  # leave adaLN-Zero so that gradients reach every block
-        for b in model.blocks:
-            b.adaLN_modulation[1].weight.normal_(std=0.1)
-        model.final_layer.linear.weight.normal_(std=0.1)
-    return model
 
 
 class BlockCounter:

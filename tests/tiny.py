@@ -1,5 +1,9 @@
-"""A tiny digits training config for tests: the preset shrunk by overrides only (same code path)."""
+"""Tiny things for tests: the digits training config shrunk by overrides only (same code path),
+and tiny transformers whose every block gets gradients."""
 
+import torch
+
+from sra.models import ModelConfig, build_model
 from sra.training.config import override, preset
 
 TINY_OVERRIDES = {
@@ -16,3 +20,14 @@ def tiny_config(output_dir, **kw):
     for k, v in {**TINY_OVERRIDES, "output_dir": str(output_dir), **kw}.items():
         cfg = override(cfg, k, v)
     return cfg
+
+
+def live_model(**model_kw) -> torch.nn.Module:
+    """A transformer built from ``ModelConfig(**model_kw)`` with its adaLN-Zero and final layer
+    perturbed: zero-initialised they would give most blocks no gradient."""
+    model = build_model(ModelConfig(**model_kw))
+    with torch.no_grad():
+        for b in model.blocks:
+            b.adaLN_modulation[1].weight.normal_(std=0.1)
+        model.final_layer.linear.weight.normal_(std=0.1)
+    return model
