@@ -56,12 +56,17 @@ def finished(run_dir: Path, steps: int, metric: str) -> bool:
 
 
 def plan_runs(study: Study, work: Path, seeds: Sequence[int] | None = None,
-              steps: int | None = None) -> list[RunPlan]:
-    """Every run in launch order: seed-major (a partial study holds whole seeds), and within a
-    seed the baseline and the positive control first (can the harness see a gain at all?)."""
+              steps: int | None = None, arms: Sequence[str] | None = None) -> list[RunPlan]:
+    """Every run (of ``arms`` only, when given) in launch order: seed-major (a partial study holds
+    whole seeds), and within a seed the baseline and the positive control first (can the harness
+    see a gain at all?)."""
     steps = steps or study.steps
     first = [a for a in (study.baseline, study.control) if a]
-    arms = first + [a.name for a in study.arms if a.name not in first]
+    order = first + [a.name for a in study.arms if a.name not in first]
+    unknown = sorted(set(arms or ()) - set(order))
+    if unknown:
+        raise SystemExit(f"study {study.name}: no arm {', '.join(unknown)}; arms: {', '.join(order)}")
+    arms = [a for a in order if arms is None or a in arms]
     plans = []
     for seed in seeds if seeds is not None else study.seeds:
         for arm in arms:

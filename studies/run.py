@@ -43,6 +43,10 @@ def compare_runs(study: Study, work: Path, out: Path, seeds: Sequence[int] | Non
     return paths
 
 
+def parse_arms(text: str | None) -> list[str] | None:
+    return None if text is None else [a.strip() for a in text.split(",") if a.strip()]
+
+
 def parse_seeds(text: str | None) -> list[int] | None:
     return None if text is None else [int(s) for s in text.split(",") if s.strip()]
 
@@ -51,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("regime", help=f"a regime ({', '.join(regime_names())}) or a .toml file")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default: the regime's)")
+    ap.add_argument("--arms", default=None,
+                    help="comma-separated arms to train (default: all); the report covers every arm run")
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: the regime's)")
     ap.add_argument("--jobs", type=int, default=2, help="runs trained in parallel (one thread each)")
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help="where runs and the cache live")
@@ -68,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         check_arms(study, work)
         os.environ["SRA_CACHE_DIR"] = str(cache)  # the warm-up fills the runs' cache
         warm_caches(study, work)
-        plans = plan_runs(study, work, seeds, args.steps)
+        plans = plan_runs(study, work, seeds, args.steps, parse_arms(args.arms))
         results = launch(plans, work / study.name / "logs", args.jobs, run_env(cache))
     paths = compare_runs(study, work, out, seeds)
     failed = [f"{r.plan.arm} seed {r.plan.seed}" for r in results if r.returncode != 0]

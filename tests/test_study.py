@@ -79,6 +79,17 @@ def test_family_arms_and_the_old_studys_evaluation():
     assert "--teacher-mask" in args and args[args.index("--teacher-mask") + 1] == "false"
 
 
+def test_launch_order_and_a_subset_of_arms(tmp_path):
+    study = spec.load_study("family")
+    plans = launch.plan_runs(study, tmp_path)
+    assert [(p.arm, p.seed) for p in plans[:3]] == [("vanilla", 0), ("repa", 0), ("sra", 0)]
+    assert len(plans) == 36 and {p.action for p in plans} == {"start"}
+    some = launch.plan_runs(study, tmp_path, seeds=[1, 2], arms=["irepa", "vanilla"])
+    assert [(p.arm, p.seed) for p in some] == [("vanilla", 1), ("irepa", 1), ("vanilla", 2), ("irepa", 2)]
+    with pytest.raises(SystemExit, match="no arm nope; arms: vanilla, repa, sra"):
+        launch.plan_runs(study, tmp_path, arms=["nope"])
+
+
 def test_a_bad_regime_file_is_one_line(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('baseline = "nope"\n[arms.a]\npreset = "digits"\n')
