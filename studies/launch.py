@@ -1,15 +1,19 @@
 """Runs ``sra train`` for every arm × seed of a study: finished runs are skipped, half-finished
 ones continue with ``--resume auto``, ``jobs`` at a time, one thread each.
 
-A run is finished when its newest checkpoint has reached the study's steps and its metrics hold
-the quality record of that step (``--resume auto`` on such a run would only tidy up). Each run's
-output goes to ``WORK/REGIME/logs/ARM-sSEED.txt``; a run that fails (or whose run dir another
-launch holds: ``sra train`` keeps a lock on it) is named at the end and the others go on.
+A run is finished when its metrics hold the quality record of the study's last step (its
+checkpoints only serve resuming), in the work folder or in the records folder: the small files of
+finished runs (``config.json``, ``metrics.jsonl``, ``log.txt``) copied to
+``RECORDS/REGIME/sSEED/ARM``, which is how a study spread over several machines or sessions, whose
+work folders are lost, is completed and reported. Each run's output goes to
+``WORK/REGIME/logs/ARM-sSEED.txt``; a run that fails (or whose run dir another launch holds:
+``sra train`` keeps a lock on it) is named at the end and the others go on.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +25,7 @@ from typing import Callable, Sequence
 from spec import Study, resolved_config
 
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+RECORD_FILES = ("config.json", "metrics.jsonl", "log.txt")  # what sra compare reads, and the log
 
 
 @dataclass(frozen=True)
@@ -43,23 +48,31 @@ class RunResult:
 
 
 def finished(run_dir: Path, steps: int, metric: str) -> bool:
-    """Whether the run reached ``steps`` with a checkpoint and a ``metric`` record there."""
-    from sra import checkpoints as ckpts
+    """Whether the run has a ``metric`` record at step ``steps`` (its results are complete)."""
     from sra.compare.runs import metric_points, read_run
 
     if not (run_dir / "config.json").is_file():
         return False
-    latest = ckpts.latest_checkpoint(run_dir)
-    if latest is None or int(ckpts.read_meta(latest)["step"]) < steps:
-        return False
     return any(p.step == steps for p in metric_points(read_run(run_dir), metric))
 
 
+def keep_records(run_dir: Path, dest: Path) -> None:
+    """Copy a finished run's small files to ``dest`` (checkpoints stay behind); each file goes
+    through a temporary name, so a kill leaves the old copy or the new one."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in RECORD_FILES:
+        if (run_dir / name).is_file():
+            tmp = dest / f".{name}.tmp"
+            shutil.copyfile(run_dir / name, tmp)
+            os.replace(tmp, dest / name)
+
+
 def plan_runs(study: Study, work: Path, seeds: Sequence[int] | None = None,
-              steps: int | None = None, arms: Sequence[str] | None = None) -> list[RunPlan]:
+              steps: int | None = None, arms: Sequence[str] | None = None,
+              records: Path | None = None) -> list[RunPlan]:
     """Every run (of ``arms`` only, when given) in launch order: seed-major (a partial study holds
     whole seeds), and within a seed the baseline and the positive control first (can the harness
-    see a gain at all?)."""
+    see a gain at all?). A run finished in ``records`` is skipped too."""
     steps = steps or study.steps
     first = [a for a in (study.baseline, study.control) if a]
     order = first + [a.name for a in study.arms if a.name not in first]
@@ -72,7 +85,9 @@ def plan_runs(study: Study, work: Path, seeds: Sequence[int] | None = None,
         for arm in arms:
             run_dir = study.run_dir(work, arm, seed)
             args = study.train_args(arm, seed, work, steps)
-            if finished(run_dir, steps, study.metric):
+            kept = records is not None and finished(study.run_dir(records, arm, seed), steps,
+                                                    study.metric)
+            if kept or finished(run_dir, steps, study.metric):
                 action = "skip"
             elif (run_dir / "config.json").is_file():
                 action, args = "resume", args + ["--resume", "auto"]
@@ -132,14 +147,18 @@ def train_one(plan: RunPlan, log_dir: Path, env: dict[str, str]) -> RunResult:
 
 def launch(plans: Sequence[RunPlan], log_dir: Path, jobs: int, env: dict[str, str],
            train: Callable[[RunPlan, Path, dict[str, str]], RunResult] = train_one,
-           say: Callable[[str], None] = print) -> list[RunResult]:
-    """Train every run that is not finished, ``jobs`` at a time; one line per finished run."""
+           say: Callable[[str], None] = print,
+           done: Callable[[RunPlan], None] | None = None) -> list[RunResult]:
+    """Train every run that is not finished, ``jobs`` at a time; one line per finished run, and
+    ``done(plan)`` after each run that succeeded (e.g. keeping its records)."""
     todo = [p for p in plans if p.action != "skip"]
     say(f"{len(plans) - len(todo)} runs finished, {len(todo)} to train "
         f"({sum(p.action == 'resume' for p in todo)} resumed), {jobs} at a time")
 
     def one(plan: RunPlan) -> RunResult:
         res = train(plan, log_dir, env)
+        if res.returncode == 0 and done is not None:
+            done(plan)
         status = "done" if res.returncode == 0 else f"FAILED (exit {res.returncode}): {res.last_line}"
         say(f"{plan.arm} seed {plan.seed}: {status} in {res.wall_s / 60:.1f} min")
         return res

@@ -4,9 +4,13 @@ two at a time), then compare them with one ``sra compare`` (tables, JSON and fig
     .venv/bin/python studies/run.py family                     # the whole study (hours on 2 cores)
     .venv/bin/python studies/run.py family --compare-only      # the report from the runs so far
     nohup .venv/bin/python studies/run.py family > runs/study/family.log 2>&1 &
+    .venv/bin/python studies/run.py family --records studies/results   # finish the committed study
 
 Regimes are the files in ``studies/regimes/`` (or a path to a .toml); runs go to
-``WORK/REGIME/sSEED/ARM`` and the classifier/encoder cache to ``WORK/cache``.
+``WORK/REGIME/sSEED/ARM`` and the classifier/encoder cache to ``WORK/cache``. With ``--records
+DIR``, every finished run's small files are kept in ``DIR/REGIME/sSEED/ARM`` (the repository's
+``studies/results`` holds the published study), runs found there are not trained again, and the
+report is made from ``DIR``: a study can be completed over several sessions or machines.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from launch import check_arms, launch, plan_runs, run_env, warm_caches  # noqa: E402
+from launch import check_arms, finished, keep_records, launch, plan_runs, run_env, warm_caches  # noqa: E402
 from spec import Study, load_study, regime_names  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,21 +66,36 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help="where runs and the cache live")
     ap.add_argument("--out", type=Path, default=None,
                     help="folder for compare.md/.json/.png (default: WORK/REGIME/compare)")
+    ap.add_argument("--records", type=Path, default=None,
+                    help="keep finished runs' config/metrics/log here, skip runs found here, "
+                         "report from here (e.g. studies/results)")
     ap.add_argument("--compare-only", action="store_true", help="no training: only the report")
     args = ap.parse_args(argv)
     study = load_study(args.regime)
     seeds = parse_seeds(args.seeds)
     work = args.work.resolve()
-    out = args.out or work / study.name / "compare"
+    records = args.records.resolve() if args.records is not None else None
+    out = args.out or (records or work) / study.name / "compare"
     cache = work / "cache"
+    steps = args.steps or study.steps
+
+    def keep(arm: str, seed: int) -> None:
+        keep_records(study.run_dir(work, arm, seed), study.run_dir(records, arm, seed))
+
     results = []
     if not args.compare_only:
         check_arms(study, work)
         os.environ["SRA_CACHE_DIR"] = str(cache)  # the warm-up fills the runs' cache
         warm_caches(study, work)
-        plans = plan_runs(study, work, seeds, args.steps, parse_arms(args.arms))
-        results = launch(plans, work / study.name / "logs", args.jobs, run_env(cache))
-    paths = compare_runs(study, work, out, seeds)
+        plans = plan_runs(study, work, seeds, steps, parse_arms(args.arms), records)
+        results = launch(plans, work / study.name / "logs", args.jobs, run_env(cache),
+                         done=None if records is None else lambda p: keep(p.arm, p.seed))
+    if records is not None:  # also runs finished by an earlier launch without --records
+        for arm in study.arms:
+            for seed in seeds if seeds is not None else study.seeds:
+                if finished(study.run_dir(work, arm.name, seed), steps, study.metric):
+                    keep(arm.name, seed)
+    paths = compare_runs(study, records or work, out, seeds)
     failed = [f"{r.plan.arm} seed {r.plan.seed}" for r in results if r.returncode != 0]
     if failed:
         print(f"failed runs (rerun to resume them): {', '.join(failed)}")

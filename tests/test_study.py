@@ -149,3 +149,16 @@ def test_tiny_study_end_to_end_skips_finished_and_resumes(tmp_path, fake_cache, 
     (out / "compare.md").unlink()
     assert study_run.main(argv + ["--steps", "4"])["results"] == []
     assert (out / "compare.md").is_file()
+
+    # Records: the finished runs' small files are kept (no checkpoints), the report is made from
+    # them, and a launch with an empty work folder finds the runs finished there.
+    rec = tmp_path / "records"
+    study_run.main(argv + ["--steps", "4", "--records", str(rec)])
+    kept = rec / "tiny" / "s0" / "sra"
+    assert sorted(p.name for p in kept.iterdir()) == ["config.json", "log.txt", "metrics.jsonl"]
+    assert (kept / "metrics.jsonl").read_bytes() == (dirs[1] / "metrics.jsonl").read_bytes()
+    from_records = (out / "compare.json").read_text()
+    assert str(work) not in from_records  # the same report, with the records' paths
+    assert json.loads(from_records.replace(str(rec), str(work))) == js
+    plans = launch.plan_runs(spec.load_study(regime), tmp_path / "empty", steps=4, records=rec)
+    assert [p.action for p in plans] == ["skip", "skip"]
