@@ -253,16 +253,21 @@ def test_latent_dataset_without_images_fails_at_start_up_in_one_line(tmp_path, c
 
 
 # -- the trainer ------------------------------------------------------------------------------------------
-def test_cli_digits_repa_end_to_end(tmp_path, digits_encoder_cached, capsys):
-    code = main(["train", "--preset", "digits-repa", *TINY_ARGS, "--max-train-steps", "4",
-                 "--checkpoint-steps", "2", "--output-dir", str(tmp_path)])
+def train_tiny(preset_name: str, steps: int, out, capsys):
+    """``sra train --preset NAME`` on the tiny model: the run dir, its config and its metrics."""
+    code = main(["train", "--preset", preset_name, *TINY_ARGS, "--max-train-steps", str(steps),
+                 "--checkpoint-steps", "2", "--output-dir", str(out)])
     assert code == 0, capsys.readouterr().err
-    run = tmp_path / "digits-repa"
-    config = json.loads((run / "config.json").read_text())
+    run = out / preset_name
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return run, json.loads((run / "config.json").read_text()), rows
+
+
+def test_cli_digits_repa_end_to_end(tmp_path, digits_encoder_cached, capsys):
+    run, config, rows = train_tiny("digits-repa", 4, tmp_path, capsys)
     assert config["align_target"] == "encoder"
     assert config["encoder_align"]["encoder"] == "digits-classifier"
     assert config["model"]["head"] == "repa" and config["model"]["head_out"] == 48
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert "cosine" in rows[-1] and "teacher_norm" not in rows[-1]
     model, info = ckpts.load_model(run)  # for sampling: the head is dropped
     assert model.ap_head is None and info["model_config"].head == "repa"
@@ -397,16 +402,11 @@ def test_a_conv_head_checkpoint_initialises_only_a_conv_head(tmp_path):
 
 
 def test_cli_digits_irepa_end_to_end(tmp_path, digits_encoder_cached, capsys):
-    code = main(["train", "--preset", "digits-irepa", *TINY_ARGS, "--max-train-steps", "2",
-                 "--checkpoint-steps", "2", "--output-dir", str(tmp_path)])
-    assert code == 0, capsys.readouterr().err
-    run = tmp_path / "digits-irepa"
-    config = json.loads((run / "config.json").read_text())
+    run, config, rows = train_tiny("digits-irepa", 2, tmp_path, capsys)
     assert config["model"]["head"] == "repa-conv" and config["model"]["head_out"] == 48
     rep = config["encoder_align"]
     assert (rep["encoder"], rep["projector"], rep["target_norm"], rep["zscore_alpha"],
             rep["weight"]) == ("digits-classifier", "conv", "zscore", 0.6, 1.0)
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["weight"] == 1.0 and -1 <= rows[-1]["align"] <= 1
     model, _ = ckpts.load_model(run)
     assert model.ap_head is None
