@@ -39,7 +39,11 @@ def compare_runs(study: Study, work: Path, out: Path, seeds: Sequence[int] | Non
 
     dirs = [study.run_dir(work, a.name, s) for a in study.arms
             for s in (seeds if seeds is not None else study.seeds)]
-    dirs = [d for d in dirs if (d / "config.json").is_file()]
+    # Relative to the current folder where they are inside it: the report names the runs as a
+    # reader of the repository finds them, not by this machine's absolute paths.
+    here = Path.cwd()
+    dirs = [Path(os.path.relpath(d, here)) if d.is_relative_to(here) else d
+            for d in dirs if (d / "config.json").is_file()]
     cmp = compare(dirs, metric=study.metric, baseline=study.baseline, name_by=["exp_name"],
                   late=study.late)
     paths = write_report(cmp, out)

@@ -162,3 +162,10 @@ def test_tiny_study_end_to_end_skips_finished_and_resumes(tmp_path, fake_cache, 
     assert json.loads(from_records.replace(str(rec), str(work))) == js
     plans = launch.plan_runs(spec.load_study(regime), tmp_path / "empty", steps=4, records=rec)
     assert [p.action for p in plans] == ["skip", "skip"]
+
+    # From inside the folder, the report names the runs by their paths relative to it.
+    monkeypatch.chdir(tmp_path)
+    study_run.main([str(regime), "--work", "work", "--records", "records", "--compare-only",
+                    "--steps", "4"])
+    rel = json.loads((rec / "tiny" / "compare" / "compare.json").read_text())
+    assert [a["runs"] for a in rel["arms"]] == [["records/tiny/s0/vanilla"], ["records/tiny/s0/sra"]]
