@@ -51,12 +51,9 @@ def compare_runs(study: Study, work: Path, out: Path, seeds: Sequence[int] | Non
     return paths
 
 
-def parse_arms(text: str | None) -> list[str] | None:
-    return None if text is None else [a.strip() for a in text.split(",") if a.strip()]
-
-
-def parse_seeds(text: str | None) -> list[int] | None:
-    return None if text is None else [int(s) for s in text.split(",") if s.strip()]
+def parse_list(text: str | None, cast: type = str) -> list | None:
+    """A comma-separated flag value as a list (None: the flag was not given)."""
+    return None if text is None else [cast(v.strip()) for v in text.split(",") if v.strip()]
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -76,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--compare-only", action="store_true", help="no training: only the report")
     args = ap.parse_args(argv)
     study = load_study(args.regime)
-    seeds = parse_seeds(args.seeds)
+    seeds = parse_list(args.seeds, int)
     work = args.work.resolve()
     records = args.records.resolve() if args.records is not None else None
     out = args.out or (records or work) / study.name / "compare"
@@ -91,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         check_arms(study, work)
         os.environ["SRA_CACHE_DIR"] = str(cache)  # the warm-up fills the runs' cache
         warm_caches(study, work)
-        plans = plan_runs(study, work, seeds, steps, parse_arms(args.arms), records)
+        plans = plan_runs(study, work, seeds, steps, parse_list(args.arms), records)
         results = launch(plans, work / study.name / "logs", args.jobs, run_env(cache),
                          done=None if records is None else lambda p: keep(p.arm, p.seed))
     if records is not None:  # also runs finished by an earlier launch without --records
